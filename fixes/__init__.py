@@ -1,0 +1,1 @@
+"""The fixed handlers: same file names as scenarios/, so that each diff is the lesson."""

@@ -1,0 +1,26 @@
+"""Idempotency Lab: idempotency and retry bugs reproduced on demand against a real PostgreSQL.
+
+This module is the workshop API: the names a scenario, a fix or a learner's handler uses.
+"""
+
+from lab.contracts import Event, ProviderError, Response
+from lab.errors import LabError
+from lab.invariants import at_most_one_charge_per_key, at_most_one_provider_call_per_key
+from lab.provider import Provider
+from lab.proxy import SessionDb as Db
+from lab.scheduler import Crash, ScheduleError
+from lab.schedules import Schedule
+
+__all__ = [
+    "Crash",
+    "Db",
+    "Event",
+    "LabError",
+    "Provider",
+    "ProviderError",
+    "Response",
+    "Schedule",
+    "ScheduleError",
+    "at_most_one_charge_per_key",
+    "at_most_one_provider_call_per_key",
+]

@@ -1,0 +1,205 @@
+"""The attack on a charge endpoint: duplicate requests with one Idempotency-Key, raced three ways.
+
+1. a hand-written schedule (the scenario's canonical race), shown as a timeline;
+2. every interleaving of 2 or 3 sessions, by depth-first search over the scheduler's choices;
+3. stress: N sessions released together by a barrier, many trials, a measured anomaly rate.
+After every run the invariant is read from the provider's ledger, never from what the handler said.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import asyncpg
+
+from lab.contracts import Response
+from lab.invariants import Invariant
+from lab.provider import Provider
+from lab.proxy import ConnectionBank, SessionDb
+from lab.scheduler import Chooser, Scheduler, SessionResult, enter_session
+from lab.schedules import DepthFirst
+from lab.trace import Trace
+from lab.workspace import Workspace
+
+BODY = json.dumps({"amount": 1000, "currency": "usd"}).encode()
+
+ChargeHandler = Callable[[Any, Any, str, bytes], Awaitable[Response]]
+Progress = Callable[[int], None]
+
+
+class ChargeScenario(Protocol):
+    """What a scenario (or a learner's) module provides for the charge endpoint."""
+
+    SCHEMA: str
+
+    async def handle_charge(self, db: Any, provider: Any, key: str, body: bytes) -> Response: ...
+
+
+@dataclass(frozen=True)
+class Request:
+    """One client's request: which session sends it, with which key and body."""
+
+    session: str
+    key: str = "k1"
+    body: bytes = BODY
+
+
+def duplicates(sessions: int, key: str = "k1") -> list[Request]:
+    """``sessions`` identical requests: the original and its retries."""
+    return [Request(f"T{i}", key) for i in range(1, sessions + 1)]
+
+
+@dataclass
+class RunOutcome:
+    """One run: what happened (trace), what each client got, and what the ledger says went wrong."""
+
+    trace: Trace
+    results: list[SessionResult]
+    anomalies: list[str]
+
+    def responses(self) -> dict[str, Response | None]:
+        return {r.name: r.result if isinstance(r.result, Response) else None for r in self.results}
+
+
+@dataclass
+class Exploration:
+    """Every interleaving tried: how many broke the invariant, and the simplest one that did."""
+
+    runs: int = 0
+    failing: int = 0
+    smallest: RunOutcome | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class StressResult:
+    trials: int = 0
+    failing: int = 0
+    seconds: float = 0.0
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.failing / self.trials if self.trials else 0.0
+
+
+def switches(trace: Trace) -> int:
+    """How often the timeline changes hands: the measure of 'smallest' for a failing interleaving."""
+    order = trace.order()
+    return sum(1 for a, b in zip(order, order[1:], strict=False) if a != b)
+
+
+class ChargeLab:
+    """A workspace, a provider and a bank of backends, reused across thousands of replays."""
+
+    def __init__(self, workspace: Workspace, invariant: Invariant, *, step_timeout: float = 5.0) -> None:
+        self.workspace = workspace
+        self.invariant = invariant
+        self.step_timeout = step_timeout
+        self._bank = ConnectionBank(workspace.connect)
+        self._monitor: asyncpg.Connection | None = None
+        self._pool: asyncpg.Pool | None = None
+
+    async def __aenter__(self) -> ChargeLab:
+        self._monitor = await self.workspace.connect()
+        self._pool = await asyncpg.create_pool(
+            self.workspace.dsn, min_size=1, max_size=10, server_settings={"application_name": "lab-provider"}
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._bank.close()
+        if self._pool is not None:
+            await self._pool.close()
+        if self._monitor is not None:
+            await self._monitor.close()
+
+    async def install(self, module: ChargeScenario) -> None:
+        await self.workspace.install(module.SCHEMA)
+
+    async def run(
+        self,
+        handler: ChargeHandler,
+        requests: list[Request],
+        chooser: Chooser,
+        *,
+        provider_script: list[Any] | None = None,
+    ) -> RunOutcome:
+        """One scheduled run from fresh state."""
+        assert self._monitor is not None and self._pool is not None
+        await self.workspace.reset()
+        scheduler = Scheduler(self._monitor, step_timeout=self.step_timeout)
+        provider = Provider(self._pool, self.workspace.ledger, scheduler)
+        provider.script.extend(provider_script or [])
+        handlers: dict[str, Callable[[], Awaitable[Any]]] = {}
+        for request in requests:
+            db = await self._bank.db_for(request.session, scheduler)
+            handlers[request.session] = _bind(handler, db, provider, request)
+        results = await scheduler.run(handlers, chooser)
+        anomalies = await self.invariant(self.workspace, requests)
+        return RunOutcome(scheduler.trace, results, anomalies)
+
+    async def explore(
+        self, handler: ChargeHandler, requests: list[Request], progress: Progress | None = None
+    ) -> Exploration:
+        """Every interleaving of the requests' steps, each replayed from fresh state."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        found = Exploration()
+        chooser: DepthFirst | None = DepthFirst()
+        while chooser is not None:
+            outcome = await self.run(handler, requests, chooser)
+            found.runs += 1
+            if outcome.anomalies:
+                found.failing += 1
+                if found.smallest is None or switches(outcome.trace) < switches(found.smallest.trace):
+                    found.smallest = outcome
+            if progress:
+                progress(found.runs)
+            chooser = chooser.next()
+        found.seconds = loop.time() - started
+        return found
+
+    async def stress(
+        self, handler: ChargeHandler, concurrency: int, trials: int, progress: Progress | None = None
+    ) -> StressResult:
+        """No gates: ``concurrency`` duplicate requests released together by a barrier, ``trials`` times."""
+        assert self._pool is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = StressResult()
+        requests = duplicates(concurrency)
+        for _ in range(trials):
+            await self.workspace.reset()
+            provider = Provider(self._pool, self.workspace.ledger)
+            barrier = asyncio.Barrier(concurrency)
+            dbs = [await self._bank.db_for(r.session, None) for r in requests]
+            clients = [_released(barrier, _bind(handler, db, provider, r), r.session) for db, r in zip(dbs, requests, strict=True)]
+            await asyncio.wait_for(asyncio.gather(*clients, return_exceptions=True), self.step_timeout * 4)
+            anomalies = await self.invariant(self.workspace, requests)
+            result.trials += 1
+            if anomalies:
+                result.failing += 1
+                if len(result.examples) < 3:
+                    result.examples.append(anomalies[0])
+            if progress:
+                progress(result.trials)
+        result.seconds = loop.time() - started
+        return result
+
+
+def _bind(handler: ChargeHandler, db: SessionDb, provider: Provider, request: Request) -> Callable[[], Awaitable[Any]]:
+    async def send() -> Any:
+        return await handler(db, provider, request.key, request.body)
+
+    return send
+
+
+async def _released(barrier: asyncio.Barrier, send: Callable[[], Awaitable[Any]], session: str) -> Any:
+    enter_session(session)
+    await barrier.wait()
+    return await send()

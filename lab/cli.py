@@ -1,0 +1,156 @@
+"""``lab``: the command line. Exit codes mean something, as in Maelstrom.
+
+0  the lab behaved as expected (the bug reproduced, the fix held; a checked handler passed)
+1  an invariant was violated where it should hold (or a bug failed to reproduce)
+2  the lab could not run: bad input, no database, a handler that cannot be called
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+from rich.console import Console
+from rich.table import Table
+
+from lab.errors import LabError
+from lab.journey import RunOptions
+from lab.registry import SCENARIOS, ScenarioInfo, runner, scenario
+
+EXIT_CANNOT_RUN = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one clear line and exit 2, not a usage wall."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"lab: {message} (see 'lab --help')\n")
+        raise SystemExit(EXIT_CANNOT_RUN)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 2,10,100, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every count must be at least 1: {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lab", description="Idempotency bugs reproduced on demand against a real PostgreSQL.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    commands.add_parser("list", help="the scenarios, their bugs and their fixes")
+
+    run = commands.add_parser("run", help="watch a race: the buggy handler, then the fix, under the same attack")
+    run.add_argument("scenario", help="number (1) or name (s1_dedup_race)")
+    side = run.add_mutually_exclusive_group()
+    side.add_argument("--buggy", action="store_true", help="only the buggy handler")
+    side.add_argument("--fixed", action="store_true", help="only the fix")
+    run.add_argument("--explore", action="store_true", help="every interleaving (depth-first over the schedule)")
+    run.add_argument("--stress", action="store_true", help="no gates: sessions released together, many trials")
+    run.add_argument("--sessions", type=_counts, default=(), help="explore interleavings of N sessions (e.g. 2,3)")
+    run.add_argument("--trials", type=_positive, default=100, help="stress trials (default 100)")
+    run.add_argument("--concurrency", type=_counts, default=(2,), help="stress sessions per trial, e.g. 2,10,100")
+    run.add_argument("--step-timeout", type=float, default=5.0, help="seconds a handler may stall (default 5)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 120  # a pipe or a file: wide enough for two sessions side by side
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "list":
+            console.print(scenario_table())
+            return 0
+        if args.command == "run":
+            return run_scenario(console, scenario(args.scenario), _run_options(args))
+        raise LabError(f"unknown command {args.command!r}")
+    except LabError as exc:
+        Console(stderr=True, highlight=False).print(f"[bold red]lab:[/] {exc}")
+        return EXIT_CANNOT_RUN
+    except KeyboardInterrupt:
+        Console(stderr=True, highlight=False).print("lab: interrupted; everything the lab started is stopped")
+        return EXIT_INTERRUPTED
+
+
+def _run_options(args: argparse.Namespace) -> RunOptions:
+    everything = not (args.explore or args.stress)
+    sides = ("buggy",) if args.buggy else ("fixed",) if args.fixed else ("buggy", "fixed")
+    return RunOptions(
+        sides=sides,
+        canonical=everything,
+        explore=everything or args.explore,
+        stress=everything or args.stress,
+        sessions=args.sessions,
+        trials=args.trials,
+        concurrency=args.concurrency,
+        step_timeout=args.step_timeout,
+    )
+
+
+def scenario_table() -> Table:
+    table = Table(title="Idempotency Lab scenarios", title_justify="left")
+    for column in ("#", "scenario", "the bug", "the fix", "make"):
+        table.add_column(column)
+    for info in SCENARIOS.values():
+        table.add_row(str(info.number), f"{info.title}\n[dim]{info.slug}[/]", info.bug, info.fix, f"make scenario-{info.number}")
+    return table
+
+
+def run_scenario(console: Console, info: ScenarioInfo, options: RunOptions) -> int:
+    play: Callable[..., Awaitable[int]] = runner(info)  # type: ignore[assignment]  # resolved by name
+    if not info.needs_postgres:
+        return _run(play(console, None, info, options))
+    from lab.postgres import provision, verify  # deferred: `lab list` must not pay for it
+    from lab.workspace import Workspace
+
+    with provision() as pg:
+        console.print(pg.description, style="dim")
+
+        async def journey() -> int:
+            await verify(pg)
+            workspace = await Workspace.open(pg.dsn)
+            try:
+                return await play(console, workspace, info, options)
+            finally:
+                await workspace.close()
+
+        return _run(journey())
+
+
+def _run(coro: Awaitable[int]) -> int:
+    """Run a coroutine with SIGTERM treated like Ctrl-C, so every ``finally`` gets to clean up."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return asyncio.run(_as_coroutine(coro))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def _as_coroutine(awaitable: Awaitable[int]) -> int:
+    return await awaitable
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The buggy handlers: faithful ports of the review snippets, one file each."""
