@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import pytest
 
-from lab import postgres
+from lab import postgres as lab_postgres  # (conftest has a fixture named postgres)
 from lab.errors import LabError
 from lab.postgres import Postgres, docker_daemon_answers, provision, verify
 
@@ -137,7 +137,7 @@ def test_server_does_not_outlive_a_lab_that_is_killed(
     if sig == signal.SIGINT:
         assert not root.exists()  # KeyboardInterrupt ran the context manager's cleanup
     else:
-        postgres._remove_stale_dirs()  # what the next lab does at start-up
+        lab_postgres._remove_stale_dirs()  # what the next lab does at start-up
         assert not root.exists()
     shm = [row.split()[:2] for row in Path("/proc/sysvipc/shm").read_text().splitlines()]
     assert segment not in shm  # a killed postmaster's interlock segment does not pile up
@@ -212,7 +212,7 @@ def test_docker_that_fails_to_start_a_container_is_one_clear_line(monkeypatch: p
     """When testcontainers cannot start the container, the user gets one LabError line, not a traceback."""
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")  # testcontainers reads os.environ
     one_line = r"^testcontainers could not start postgres:17\.6-alpine: [^\n]+$"
-    with pytest.raises(LabError, match=one_line), postgres._container("unix:///nonexistent/docker.sock"):
+    with pytest.raises(LabError, match=one_line), lab_postgres._container("unix:///nonexistent/docker.sock"):
         pass
 
 
@@ -268,14 +268,14 @@ def test_binaries_out_of_reach_are_copied_where_anyone_can_run_them() -> None:
     hidden = Path(tempfile.mkdtemp(prefix="lab-test-"))  # mkdtemp makes it 0700, like /root
     (hidden / "bin").mkdir()
     try:
-        assert not postgres._reachable_by_others(hidden / "bin")
+        assert not lab_postgres._reachable_by_others(hidden / "bin")
     finally:
         (hidden / "bin").rmdir()
         hidden.rmdir()
-    bindir = postgres._find_bindir()
-    version = postgres._version(bindir)
-    copy = postgres._world_readable_copy(bindir, version)
-    assert postgres._binaries_reachable(copy)
+    bindir = lab_postgres._find_bindir()
+    version = lab_postgres._version(bindir)
+    copy = lab_postgres._world_readable_copy(bindir, version)
+    assert lab_postgres._binaries_reachable(copy)
     nobody = pwd.getpwnam("nobody") if os.geteuid() == 0 else None  # the user root runs postgres as
     done = subprocess.run(
         [str(copy / "initdb"), "--version"],
