@@ -1,0 +1,135 @@
+"""The scheduler on its own, without a database: order is recorded and compared exactly."""
+
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import asyncpg
+import pytest
+
+from lab.scheduler import Crash, HandlerHung, Scheduler, ScheduleError
+from lab.schedules import DepthFirst, Schedule, ScriptedChooser
+
+NO_DATABASE = cast(asyncpg.Connection, None)  # steps without a backend pid never ask the server
+
+
+def sessions(scheduler: Scheduler, steps: dict[str, int], record: list[str]) -> dict[str, Callable[[], Awaitable[Any]]]:
+    """Handlers that take ``n`` steps each and append "T1.0", "T1.1", ... as each step runs."""
+
+    def handler(name: str, count: int) -> Callable[[], Awaitable[Any]]:
+        async def run() -> str:
+            for i in range(count):
+
+                async def act(label: str = f"{name}.{i}") -> str:
+                    record.append(label)
+                    return label
+
+                await scheduler.step(f"step {i}", act, pid=None, render=str)
+            return f"{name} done"
+
+        return run
+
+    return {name: handler(name, count) for name, count in steps.items()}
+
+
+async def test_strict_schedule_is_followed_exactly() -> None:
+    """A strict schedule runs the steps in exactly the order it names."""
+    scheduler = Scheduler(NO_DATABASE)
+    record: list[str] = []
+    chooser = ScriptedChooser(["T2", "T1", "T1", "T2"], strict=True)
+    results = await scheduler.run(sessions(scheduler, {"T1": 2, "T2": 2}, record), chooser)
+    assert record == ["T2.0", "T1.0", "T1.1", "T2.1"]
+    assert scheduler.trace.order() == ["T2", "T1", "T1", "T2"]
+    assert [r.result for r in results] == ["T1 done", "T2 done"]
+
+
+async def test_strict_schedule_naming_a_finished_session_fails_loudly() -> None:
+    """Naming a session that has already finished is a ScheduleError that says who could move."""
+    scheduler = Scheduler(NO_DATABASE)
+    chooser = ScriptedChooser(["T1", "T1", "T1"], strict=True)
+    with pytest.raises(ScheduleError, match=r"T1 has finished \(can move: T2\)"):
+        await scheduler.run(sessions(scheduler, {"T1": 1, "T2": 1}, []), chooser)
+
+
+async def test_strict_schedule_that_ends_early_fails_loudly() -> None:
+    """A strict schedule too short for the handlers is an error, never a silent completion."""
+    scheduler = Scheduler(NO_DATABASE)
+    with pytest.raises(ScheduleError, match="still had steps"):
+        await scheduler.run(sessions(scheduler, {"T1": 2}, []), ScriptedChooser(["T1"], strict=True))
+
+
+async def test_unknown_session_in_a_schedule_fails_loudly() -> None:
+    """A schedule naming a session that does not exist is rejected with the real names."""
+    scheduler = Scheduler(NO_DATABASE)
+    with pytest.raises(ScheduleError, match="sessions are T1"):
+        await scheduler.run(sessions(scheduler, {"T1": 1}, []), ScriptedChooser(["T9"], strict=True))
+
+
+async def test_lenient_schedule_skips_turns_that_cannot_be_taken() -> None:
+    """A lenient replay skips turns of finished sessions and finishes the rest in name order."""
+    scheduler = Scheduler(NO_DATABASE)
+    record: list[str] = []
+    chooser = Schedule.of(("T1", ""), ("T1", ""), ("T2", "")).chooser(strict=False)
+    await scheduler.run(sessions(scheduler, {"T1": 1, "T2": 2}, record), chooser)
+    assert record == ["T1.0", "T2.0", "T2.1"]
+
+
+async def test_depth_first_enumerates_every_interleaving_once() -> None:
+    """Two sessions of two steps have C(4,2) = 6 interleavings, each visited exactly once."""
+    seen: list[tuple[str, ...]] = []
+    chooser: DepthFirst | None = DepthFirst()
+    while chooser is not None:
+        scheduler = Scheduler(NO_DATABASE)
+        record: list[str] = []
+        await scheduler.run(sessions(scheduler, {"T1": 2, "T2": 2}, record), chooser)
+        seen.append(tuple(record))
+        chooser = chooser.next()
+    assert len(seen) == 6
+    assert len(set(seen)) == 6
+    assert all(r.index("T1.0") < r.index("T1.1") and r.index("T2.0") < r.index("T2.1") for r in seen)
+
+
+async def test_three_sessions_have_ninety_interleavings() -> None:
+    """Three sessions of two steps each: 6!/(2!2!2!) = 90 interleavings."""
+    runs = 0
+    chooser: DepthFirst | None = DepthFirst()
+    while chooser is not None:
+        scheduler = Scheduler(NO_DATABASE)
+        await scheduler.run(sessions(scheduler, {"T1": 2, "T2": 2, "T3": 2}, []), chooser)
+        runs += 1
+        chooser = chooser.next()
+    assert runs == 90
+
+
+async def test_a_handler_that_hangs_is_stopped_and_named() -> None:
+    """A session that neither steps nor finishes within the step timeout raises HandlerHung naming it."""
+    scheduler = Scheduler(NO_DATABASE, step_timeout=0.2)
+
+    async def hangs() -> None:
+        import asyncio
+
+        await asyncio.Event().wait()
+
+    with pytest.raises(HandlerHung, match="T1 made no progress for 0.2 s"):
+        await scheduler.run({"T1": hangs}, ScriptedChooser([], strict=False))
+
+
+async def test_a_crash_cancels_the_session_at_its_step_boundary() -> None:
+    """A crash stops the session before its next step; the others carry on and finish."""
+    scheduler = Scheduler(NO_DATABASE)
+    record: list[str] = []
+    chooser = ScriptedChooser(["T1", Crash("T1"), "T2", "T2"], strict=True)
+    results = await scheduler.run(sessions(scheduler, {"T1": 2, "T2": 2}, record), chooser)
+    assert record == ["T1.0", "T2.0", "T2.1"]
+    assert [(r.name, r.crashed) for r in results] == [("T1", True), ("T2", False)]
+    assert "crash" in scheduler.trace.rows[1].text
+
+
+async def test_a_handler_exception_is_the_sessions_outcome() -> None:
+    """An exception raised by a handler ends only that session and is reported as its result."""
+    scheduler = Scheduler(NO_DATABASE)
+
+    async def fails() -> None:
+        raise ValueError("bad request")
+
+    results = await scheduler.run({"T1": fails}, ScriptedChooser([], strict=False))
+    assert isinstance(results[0].error, ValueError)
