@@ -9,6 +9,7 @@ After every run the invariant is read from the provider's ledger, never from wha
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ class StressResult:
 def switches(trace: Trace) -> int:
     """How often the timeline changes hands: the measure of 'smallest' for a failing interleaving."""
     order = trace.order()
-    return sum(1 for a, b in zip(order, order[1:], strict=False) if a != b)
+    return sum(1 for a, b in itertools.pairwise(order) if a != b)
 
 
 class ChargeLab:
@@ -178,7 +179,10 @@ class ChargeLab:
             provider = Provider(self._pool, self.workspace.ledger)
             barrier = asyncio.Barrier(concurrency)
             dbs = [await self._bank.db_for(r.session, None) for r in requests]
-            clients = [_released(barrier, _bind(handler, db, provider, r), r.session) for db, r in zip(dbs, requests, strict=True)]
+            clients = [
+                _released(barrier, _bind(handler, db, provider, r), r.session)
+                for db, r in zip(dbs, requests, strict=True)
+            ]
             await asyncio.wait_for(asyncio.gather(*clients, return_exceptions=True), self.step_timeout * 4)
             anomalies = await self.invariant(self.workspace, requests)
             result.trials += 1

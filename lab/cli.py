@@ -110,7 +110,8 @@ def scenario_table() -> Table:
     for column in ("#", "scenario", "the bug", "the fix", "make"):
         table.add_column(column)
     for info in SCENARIOS.values():
-        table.add_row(str(info.number), f"{info.title}\n[dim]{info.slug}[/]", info.bug, info.fix, f"make scenario-{info.number}")
+        name = f"{info.title}\n[dim]{info.slug}[/]"
+        table.add_row(str(info.number), name, info.bug, info.fix, f"make scenario-{info.number}")
     return table
 
 

@@ -70,13 +70,15 @@ async def charge_journey(console: Console, workspace: Workspace, info: ScenarioI
         async with ChargeLab(workspace, module.INVARIANT, step_timeout=options.step_timeout) as lab:
             await lab.install(module)
             if options.canonical:
-                outcome = await lab.run(module.handle_charge, duplicates(2), schedule.chooser(strict=side == "buggy"))
+                chooser = schedule.chooser(strict=side == "buggy")
+                outcome = await lab.run(module.handle_charge, duplicates(2), chooser)
                 console.print(
                     render(outcome.trace, outcome.results, outcome.anomalies, holds=_holds(module),
                            title=f"{info.slug} ({side}) under the canonical schedule")
                 )
                 console.print()
-                verdict.cells["canonical"] = f"{len(outcome.anomalies)} anomal{'y' if len(outcome.anomalies) == 1 else 'ies'}"
+                count = len(outcome.anomalies)
+                verdict.cells["canonical"] = f"{count} anomal{'y' if count == 1 else 'ies'}"
                 verdict.broken += len(outcome.anomalies)
                 verdict.reproduced |= bool(outcome.anomalies)
             if options.explore:
@@ -110,16 +112,18 @@ def _holds(module: Any) -> str:
 
 def verdict_table(info: ScenarioInfo, verdicts: list[SideVerdict]) -> Table:
     """One row per side, one column per attack, and whether that side behaved as the lab expects."""
-    order = ("canonical", "interleavings", "crash", "stress")
-    columns = sorted(dict.fromkeys(c for v in verdicts for c in v.cells), key=lambda c: order.index(c.split()[0]))
+    order = ["canonical", "interleavings", "crash", "stress", "stream"]
+    first_seen = list(dict.fromkeys(c for v in verdicts for c in v.cells))
+    columns = sorted(first_seen, key=lambda c: order.index(c.split()[0]) if c.split()[0] in order else len(order))
     table = Table(title=f"verdict: scenario {info.number}, {info.title.lower()}", title_justify="left")
     table.add_column("side")
     for column in columns:
         table.add_column(column)
     table.add_column("as expected?")
     for v in verdicts:
-        expected = ("yes: bug reproduced" if v.as_expected() else "NO: bug did not reproduce") if v.side == "buggy" else (
-            "yes: fix held" if v.as_expected() else "NO: invariant broken"
-        )
+        if v.side == "buggy":
+            expected = "yes: bug reproduced" if v.as_expected() else "NO: bug did not reproduce"
+        else:
+            expected = "yes: fix held" if v.as_expected() else "NO: invariant broken"
         table.add_row(v.side, *[v.cells.get(c, "") for c in columns], expected)
     return table

@@ -26,6 +26,7 @@ class Outcome:
 
 
 OK = Outcome()
+_Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 class Provider:
@@ -67,7 +68,7 @@ class Provider:
             raise TimeoutError("provider charged, then the response was lost")
         return charge_id
 
-    async def _charge(self, conn: asyncpg.Connection, reference: str, amount: int, key: str | None) -> tuple[str, bool]:
+    async def _charge(self, conn: _Conn, reference: str, amount: int, key: str | None) -> tuple[str, bool]:
         charge_id = await conn.fetchval(
             f"""INSERT INTO {self._ledger}.provider_charges (charge_id, reference, amount_cents, idempotency_key)
                 VALUES ('ch_' || nextval('{self._ledger}.charge_numbers'), $1, $2, $3)
@@ -82,7 +83,7 @@ class Provider:
         return existing, True
 
     async def _log(
-        self, conn: asyncpg.Connection, session: str | None, reference: str, amount: int,
+        self, conn: _Conn, session: str | None, reference: str, amount: int,
         key: str | None, outcome: str, charge_id: str | None,
     ) -> None:
         await conn.execute(

@@ -7,6 +7,7 @@ step shows its SQL with parameters and what came back; a step that waited on a l
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 from rich import box
@@ -72,14 +73,7 @@ def render(
 
 def plain(renderable: RenderableType, width: int = 120) -> str:
     """Render as a pipe would see it: no colour, fixed width. The form golden transcripts compare."""
-    console = Console(width=width, color_system=None, force_terminal=False, record=True, file=_Null())
+    console = Console(width=width, color_system=None, force_terminal=False, record=True, file=io.StringIO())
     console.print(renderable)
     return "\n".join(line.rstrip() for line in console.export_text().splitlines()) + "\n"
 
-
-class _Null:
-    def write(self, _: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        pass

@@ -37,7 +37,8 @@ async def test_canonical_race_charges_the_key_twice(charge_lab: ChargeLab, works
     assert await provider_calls_for(workspace, "k1") == 2
     assert outcome.anomalies == ["key k1 charged 2 times (ch_1, ch_2)"]
     holds = "a key is processed once"
-    assert_matches_golden("s1_dedup_race.buggy.txt", plain(render(outcome.trace, outcome.results, outcome.anomalies, holds=holds)))
+    transcript = plain(render(outcome.trace, outcome.results, outcome.anomalies, holds=holds))
+    assert_matches_golden("s1_dedup_race.buggy.txt", transcript)
 
 
 async def test_fix_under_the_canonical_schedule_charges_once(charge_lab: ChargeLab, workspace: Workspace) -> None:
@@ -48,7 +49,8 @@ async def test_fix_under_the_canonical_schedule_charges_once(charge_lab: ChargeL
     assert outcome.anomalies == []
     assert outcome.responses()["T2"] == lab.Response(409, {"error": "a request with this key is in progress"})
     holds = "a key is processed once"
-    assert_matches_golden("s1_dedup_race.fixed.txt", plain(render(outcome.trace, outcome.results, outcome.anomalies, holds=holds)))
+    transcript = plain(render(outcome.trace, outcome.results, outcome.anomalies, holds=holds))
+    assert_matches_golden("s1_dedup_race.fixed.txt", transcript)
 
 
 async def test_exploration_finds_the_anomaly_and_counts_interleavings(charge_lab: ChargeLab) -> None:

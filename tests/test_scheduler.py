@@ -6,7 +6,7 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from lab.scheduler import Crash, HandlerHung, Scheduler, ScheduleError
+from lab.scheduler import Crash, HandlerHung, ScheduleError, Scheduler
 from lab.schedules import DepthFirst, Schedule, ScriptedChooser
 
 NO_DATABASE = cast(asyncpg.Connection, None)  # steps without a backend pid never ask the server
@@ -109,7 +109,7 @@ async def test_a_handler_that_hangs_is_stopped_and_named() -> None:
 
         await asyncio.Event().wait()
 
-    with pytest.raises(HandlerHung, match="T1 made no progress for 0.2 s"):
+    with pytest.raises(HandlerHung, match=r"T1 made no progress for 0\.2 s"):
         await scheduler.run({"T1": hangs}, ScriptedChooser([], strict=False))
 
 
