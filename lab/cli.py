@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up exactly as Ctrl-C does
     console = Console(highlight=False)
     if not console.is_terminal:
         console.width = 120  # a pipe or a file: wide enough for two sessions side by side
@@ -137,12 +138,7 @@ def run_scenario(console: Console, info: ScenarioInfo, options: RunOptions) -> i
 
 
 def _run(coro: Awaitable[int]) -> int:
-    """Run a coroutine with SIGTERM treated like Ctrl-C, so every ``finally`` gets to clean up."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return asyncio.run(_as_coroutine(coro))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return asyncio.run(_as_coroutine(coro))
 
 
 async def _as_coroutine(awaitable: Awaitable[int]) -> int:
@@ -150,7 +146,8 @@ async def _as_coroutine(awaitable: Awaitable[int]) -> int:
 
 
 def _interrupt(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
+    """Turn SIGTERM into SIGINT: inside asyncio.run that cancels the main task, so every ``finally`` runs."""
+    signal.raise_signal(signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -224,9 +224,9 @@ def _embedded(why: str) -> Iterator[Postgres]:
             if not _reachable_by_others(root.parent):
                 raise LabError(f"the temp dir {root.parent} is not reachable by user nobody; set TMPDIR")
         initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
-        done = subprocess.run([*initdb, "--no-locale", "--no-sync"], cwd=root, capture_output=True, **ids)
-        if done.returncode:
-            raise LabError(f"initdb failed: {_tail(done.stdout + done.stderr)}")
+        returncode, output = _run_group([*initdb, "--no-locale", "--no-sync"], cwd=root, **ids)
+        if returncode:
+            raise LabError(f"initdb failed: {_tail(output)}")
         argv = [str(bindir / "postgres"), "-D", str(data), "-c", f"unix_socket_directories={sock}"]
         argv += [arg for name, value in SETTINGS.items() for arg in ("-c", f"{name}={value}")]
         with log.open("wb") as out:  # own session: a terminal's Ctrl-C reaches the lab, which stops us
@@ -240,6 +240,23 @@ def _embedded(why: str) -> Iterator[Postgres]:
     finally:
         stop()
         atexit.unregister(stop)
+
+
+def _run_group(argv: list[str], **kwargs: Any) -> tuple[int, bytes]:
+    """Run a command in its own process group; if we are interrupted, kill the whole group.
+
+    initdb forks a bootstrap postgres that would outlive a plain kill of initdb and keep writing
+    into the directory we are about to remove.
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+    try:
+        output, _ = proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return proc.returncode, output
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:

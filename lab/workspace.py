@@ -53,8 +53,12 @@ class Workspace:
             raise LabError(f"cannot connect to postgres: {exc}") from exc
         schema = f"lab_{secrets.token_hex(4)}"
         workspace = cls(dsn, admin, schema)
-        await admin.execute(f"CREATE SCHEMA {schema}; CREATE SCHEMA {workspace.ledger}")
-        await admin.execute(f"SET search_path = {workspace.ledger}; {LEDGER_SQL}")
+        try:
+            await admin.execute(f"CREATE SCHEMA {schema}; CREATE SCHEMA {workspace.ledger}")
+            await admin.execute(f"SET search_path = {workspace.ledger}; {LEDGER_SQL}")
+        except BaseException:  # Ctrl-C between the two statements must not leave a schema behind
+            await workspace.close()
+            raise
         return workspace
 
     async def connect(self, **kwargs: Any) -> asyncpg.Connection:
@@ -85,11 +89,15 @@ class Workspace:
             await self.admin.execute(f"SET search_path = {self.schema}; {self._seed}")
 
     async def close(self) -> None:
-        """Drop exactly the two schemas this workspace created, nothing else."""
+        """Drop exactly the two schemas this workspace created, nothing else.
+
+        A fresh connection does it: after Ctrl-C the admin connection may be stuck mid-query.
+        """
+        self.admin.terminate()
+        conn = await asyncpg.connect(self.dsn, timeout=5)
         try:
-            if not self.admin.is_closed():
-                await self.admin.execute(
-                    f"DROP SCHEMA IF EXISTS {self.schema} CASCADE; DROP SCHEMA IF EXISTS {self.ledger} CASCADE"
-                )
+            await conn.execute(
+                f"DROP SCHEMA IF EXISTS {self.schema} CASCADE; DROP SCHEMA IF EXISTS {self.ledger} CASCADE"
+            )
         finally:
-            await self.admin.close()
+            await conn.close()
