@@ -37,9 +37,7 @@ class _NoSelector:
 
     def select(self, timeout: float | None) -> list[Any]:
         if timeout is None:  # BaseEventLoop passes None only when nothing is ready nor scheduled
-            raise DeadlockError(
-                "virtual time: every task is waiting, but not for a timer (a future nobody resolves?)"
-            )
+            raise DeadlockError("virtual time: every task is waiting, but not for a timer (a future nobody resolves?)")
         if timeout > 0:
             self._loop._jump_to_next_timer(timeout)
         return []
