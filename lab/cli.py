@@ -20,6 +20,7 @@ from rich.table import Table
 from lab.errors import LabError
 from lab.journey import RunOptions
 from lab.registry import SCENARIOS, ScenarioInfo, runner, scenario
+from lab.scheduler import HandlerHung, ScheduleError
 
 EXIT_CANNOT_RUN = 2
 EXIT_INTERRUPTED = 130
@@ -83,8 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return run_scenario(console, scenario(args.scenario), _run_options(args))
         raise LabError(f"unknown command {args.command!r}")
-    except LabError as exc:
-        Console(stderr=True, highlight=False).print(f"[bold red]lab:[/] {exc}")
+    except (LabError, ScheduleError, HandlerHung) as exc:
+        Console(stderr=True, highlight=False).print(f"[bold red]lab:[/] {exc}", markup=True)
         return EXIT_CANNOT_RUN
     except KeyboardInterrupt:
         Console(stderr=True, highlight=False).print("lab: interrupted; everything the lab started is stopped")

@@ -62,7 +62,8 @@ class Chooser(Protocol):
 class _Session:
     name: str
     task: asyncio.Task[Any] | None = None
-    state: str = "running"  # running | gate | blocked | done | crashed
+    state: str = "running"  # running | gate | blocked | done | crashed; changed by the scheduler only
+    finished: bool = False  # set by the session's own task; the scheduler reads it when it settles
     pending: str = ""
     go: asyncio.Event = field(default_factory=asyncio.Event)
     moved: asyncio.Event = field(default_factory=asyncio.Event)
@@ -123,7 +124,6 @@ class Scheduler:
         if session is None or session.name not in self._sessions:
             return await action()  # not a scheduled session (set-up code, the invariant check)
         session.pending = text
-        session.state = "gate"
         session.moved.set()
         await session.go.wait()
         session.go.clear()
@@ -190,8 +190,7 @@ class Scheduler:
         except Exception as exc:
             session.error = exc
         finally:
-            if session.state != "crashed":
-                session.state = "done"
+            session.finished = True
             session.moved.set()
 
     async def _advance(self, session: _Session) -> None:
@@ -214,6 +213,7 @@ class Scheduler:
         while True:
             if session.moved.is_set():
                 session.moved.clear()
+                session.state = "done" if session.finished else "gate"
                 self._record(session, was_blocked)
                 return
             try:

@@ -1,4 +1,5 @@
-"""The scheduler on its own, without a database: order is recorded and compared exactly."""
+"""The scheduler: order recorded and compared exactly, without a database where possible; lock waits and
+crashes against the real one."""
 
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -8,7 +9,9 @@ import pytest
 
 from lab.scheduler import Crash, HandlerHung, ScheduleError, Scheduler
 from lab.schedules import DepthFirst, Schedule, ScriptedChooser
+from lab.workspace import Workspace
 
+COUNTER = "CREATE TABLE counter (id int PRIMARY KEY, n int NOT NULL);"
 NO_DATABASE = cast(asyncpg.Connection, None)  # steps without a backend pid never ask the server
 
 
@@ -133,3 +136,64 @@ async def test_a_handler_exception_is_the_sessions_outcome() -> None:
 
     results = await scheduler.run({"T1": fails}, ScriptedChooser([], strict=False))
     assert isinstance(results[0].error, ValueError)
+
+
+async def test_a_lock_wait_is_shown_waiting_then_completed(workspace: Workspace) -> None:
+    """A step blocked on another session's row lock is marked <waiting ...>, others go on, then it completes."""
+    from lab.proxy import ConnectionBank
+
+    await workspace.install(COUNTER, "INSERT INTO counter VALUES (1, 0);")
+    bank = ConnectionBank(workspace.connect)
+    monitor = await workspace.connect()
+    try:
+        scheduler = Scheduler(monitor)
+
+        def bump(name: str) -> Callable[[], Awaitable[Any]]:
+            async def run() -> None:
+                db = await bank.db_for(name, scheduler)
+                async with db.acquire() as conn, conn.transaction():
+                    await conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+
+            return run
+
+        handlers = {"T1": bump("T1"), "T2": bump("T2")}
+        # T1 BEGIN, T1 UPDATE, T2 BEGIN, T2 UPDATE (blocks), T1 COMMIT (T2 completes), T2 COMMIT
+        chooser = ScriptedChooser(["T1", "T1", "T2", "T2", "T1", "T2"], strict=True)
+        await scheduler.run(handlers, chooser)
+        rows = [(r.session, r.text, r.waiting) for r in scheduler.trace.rows]
+        assert rows == [
+            ("T1", "BEGIN", False),
+            ("T1", "UPDATE counter SET n = n + 1 WHERE id = 1", False),
+            ("T2", "BEGIN", False),
+            ("T2", "UPDATE counter SET n = n + 1 WHERE id = 1", True),
+            ("T1", "COMMIT", False),
+            ("T2", "<... completed>", False),
+            ("T2", "COMMIT", False),
+        ]
+        assert await workspace.admin.fetchval(f"SELECT n FROM {workspace.schema}.counter") == 2
+    finally:
+        await bank.close()
+        await monitor.close()
+
+
+async def test_a_crash_rolls_back_the_sessions_open_transaction(workspace: Workspace) -> None:
+    """Crashing a session inside its transaction terminates its backend, so its write is rolled back."""
+    from lab.proxy import ConnectionBank
+
+    await workspace.install(COUNTER, "INSERT INTO counter VALUES (1, 0);")
+    bank = ConnectionBank(workspace.connect)
+    monitor = await workspace.connect()
+    try:
+        scheduler = Scheduler(monitor)
+        db = await bank.db_for("T1", scheduler)
+
+        async def bump() -> None:
+            async with db.acquire() as conn, conn.transaction():
+                await conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+
+        results = await scheduler.run({"T1": bump}, ScriptedChooser(["T1", "T1", Crash("T1")], strict=True))
+        assert results[0].crashed
+        assert await workspace.admin.fetchval(f"SELECT n FROM {workspace.schema}.counter") == 0
+    finally:
+        await bank.close()
+        await monitor.close()
