@@ -11,8 +11,6 @@ import hashlib
 import json
 from typing import Any
 
-import asyncpg
-
 import lab
 
 SCHEMA = """
