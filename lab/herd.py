@@ -322,9 +322,12 @@ def run_scenario_2(
 ) -> int:
     """Show the herd and its fix; 0 when the buggy loop shows its hazards and the fixed one holds.
 
-    ``retry_module_path`` replaces the fixed side with a learner's file, graded like the fix.
+    ``retry_module_path`` replaces the fixed side (adding it if absent) with a learner's file, graded
+    like the fix.
     Synchronous on purpose: it runs its own virtual-time loops, so call it outside any running loop.
     """
+    if retry_module_path is not None and "fixed" not in sides:
+        sides = (*sides, "fixed")
     unknown = [s for s in sides if s not in SIDE_FILES]
     if unknown or not sides:
         raise LabError(f"unknown side {unknown}: choose from {', '.join(SIDE_FILES)}")
@@ -417,18 +420,20 @@ def print_herd_plot(console: Console, figures: dict[str, Figures]) -> None:
     fig.subplots(len(figures), 1)
     for row, (label, f) in enumerate(figures.items(), start=1):
         sub = fig.subplot(row, 1)
-        # Every bucket is a bar, so each is exactly one bucket wide; empty ones fall below the y range.
-        sub.draw(sub.bar([i * bucket_s for i in range(len(f.buckets))], f.buckets, width=1))
+        sub.theme("colorless")  # the terminal's own colours, readable on dark and light alike
         limit = f.clients * float(spec.MAX_PEAK_SHARE)
-        sub.line(limit, orientation="h")
-        sub.line(float(spec.OUTAGE_S), orientation="v")
+        outage_s = float(spec.OUTAGE_S)
+        sub.draw(sub.segment([outage_s, right], [limit, limit], marker="─"))
+        sub.draw(sub.segment([outage_s, outage_s], [0.5, top], marker="│"))
+        # Bars last, over the guides; every bucket is a bar so each is one bucket wide, and empty
+        # buckets fall below the y range.
+        sub.draw(sub.bar([i * bucket_s for i in range(len(f.buckets))], f.buckets, width=1))
         sub.title(f"{label}: arrivals per {bucket_s * 1000:g} ms · ─ limit after recovery · │ provider recovers")
         sub.ruler("y").lim(0.5, top)
         sub.ruler("y").ticks([1, limit, top], ["1", f"{limit:g}", str(top)])
         sub.ruler("x").lim(0, right)
         sub.ruler("x").ticks(ticks := [i * 0.5 for i in range(int(right / 0.5) + 1)], [f"{t:g} s" for t in ticks])
-    fig.theme("simple")
-    fig.plot_size(min(console.width, 100), 14 * len(figures))
+    fig.plot_size(min(console.width, 100), 16 * len(figures))
     console.print(Text.from_ansi(fig.build().string()))
 
 
