@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trials", type=_positive, default=100, help="stress trials (default 100)")
     run.add_argument("--concurrency", type=_counts, default=(2,), help="stress sessions per trial, e.g. 2,10,100")
     run.add_argument("--step-timeout", type=float, default=5.0, help="seconds a handler may stall (default 5)")
+    run.add_argument("--clients", type=_positive, default=100, help="scenario 2: clients in the herd (default 100)")
+    run.add_argument("--seed", type=int, default=1, help="scenario 2: seed of the virtual-time run (default 1)")
+    run.add_argument("--plot", metavar="FILE.png", help="scenario 2: also write the herd plot as an image")
+
+    herd = commands.add_parser("herd", help="scenario 2 against Postgres: Brooker's backoff table")
+    herd.add_argument("--occ", action="store_true", required=True, help="optimistic-concurrency clients on one row")
+    herd.add_argument("--clients", type=_counts, default=(10, 25, 50), help="client counts (default 10,25,50)")
     return parser
 
 
@@ -83,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return run_scenario(console, scenario(args.scenario), _run_options(args))
+        if args.command == "herd":
+            return occ_table(console, args.clients)
         raise LabError(f"unknown command {args.command!r}")
     except (LabError, ScheduleError, HandlerHung) as exc:
         Console(stderr=True, highlight=False).print(f"[bold red]lab:[/] {exc}", markup=True)
@@ -104,6 +113,9 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         trials=args.trials,
         concurrency=args.concurrency,
         step_timeout=args.step_timeout,
+        clients=args.clients,
+        seed=args.seed,
+        plot=args.plot,
     )
 
 
@@ -136,6 +148,22 @@ def run_scenario(console: Console, info: ScenarioInfo, options: RunOptions) -> i
                 await workspace.close()
 
         return _run(journey())
+
+
+def occ_table(console: Console, clients: tuple[int, ...]) -> int:
+    """Brooker's table: N clients on one row with optimistic concurrency, four backoff policies."""
+    from lab.occ import run_occ_table
+    from lab.postgres import provision, verify
+
+    with provision() as pg:
+        console.print(pg.description, style="dim")
+
+        async def table() -> int:
+            await verify(pg)
+            await run_occ_table(console, pg.dsn, clients=clients)
+            return 0
+
+        return _run(table())
 
 
 def _run(coro: Awaitable[int]) -> int:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, NoneType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.console import Console
 from rich.table import Table
@@ -30,6 +30,11 @@ from rich.text import Text
 from lab.contracts import ProviderError
 from lab.errors import LabError
 from lab.virtual_time import run_virtual
+
+if TYPE_CHECKING:
+    from lab.journey import RunOptions
+    from lab.registry import ScenarioInfo
+    from lab.workspace import Workspace
 
 RetryWrapper = Callable[..., Awaitable[Any]]  # call_with_retry(fn, max_attempts=6)
 
@@ -480,3 +485,16 @@ def bench_virtual_time(clients: int = 1000) -> float:
         _attack(wrapper, provider, clients, seed=1)
         slowest = max(slowest, time.perf_counter() - start)
     return clients / slowest
+
+
+async def herd_journey(console: Console, workspace: Workspace, info: ScenarioInfo, options: RunOptions) -> int:
+    """`lab run 2`: the herd in virtual time (its own loops, so in a thread), then Brooker's table on Postgres."""
+    code = await asyncio.to_thread(
+        run_scenario_2, console, sides=options.sides, clients=options.clients, seed=options.seed, plot_path=options.plot
+    )
+    from lab.occ import ratio, run_occ_table
+
+    console.print()
+    rows = await run_occ_table(console, workspace.dsn, clients=(10, 25, 50))
+    console.print(f"no jitter made {ratio(rows, 25):.1f}x the writes of full jitter at N=25", highlight=False)
+    return code

@@ -35,6 +35,9 @@ class RunOptions:
     trials: int = 100
     concurrency: tuple[int, ...] = (2,)
     step_timeout: float = 5.0
+    clients: int = 100  # scenario 2: clients in the herd
+    seed: int = 1
+    plot: str | None = None  # scenario 2: also write the herd plot as a PNG here
 
 
 @dataclass

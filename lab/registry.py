@@ -38,6 +38,12 @@ SCENARIOS: dict[int, ScenarioInfo] = {
         fix="one INSERT ... ON CONFLICT DO NOTHING RETURNING; only the winner charges",
         runner="lab.journey:charge_journey",
     ),
+    2: ScenarioInfo(
+        2, "s2_retry_herd", "Retry herd", "call_with_retry",
+        bug="fixed doubling, no jitter, every error retried: synchronized spikes, permanent errors hammered",
+        fix="full jitter, retry only 5xx/429/timeouts, honour Retry-After, one idempotency key per call",
+        runner="lab.herd:herd_journey",
+    ),
 }
 
 

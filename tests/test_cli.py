@@ -159,3 +159,11 @@ def test_sigterm_stops_the_embedded_server_and_exits() -> None:
     assert proc.returncode == 130, err
     assert not Path(f"/proc/{servers[0]}").exists()
     assert not data_dir.exists()
+
+
+def test_run_2_shows_the_herd_and_brookers_table(postgres: Postgres) -> None:
+    """`lab run 2` exits 0: the buggy loop's hazards reproduced, the fix held, the backoff table printed."""
+    done = lab("run", "2", env={"LAB_DATABASE_URL": postgres.dsn})
+    assert done.returncode == 0, done.stderr
+    assert "buggy: hazards reproduced" in done.stdout and "fixed: holds" in done.stdout
+    assert "full jitter" in done.stdout and "decorrelated" in done.stdout
