@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 scenario-%: $(STAMP) ## scenario-N: watch scenario N's race, then its fix under the same attack (N = 1..4)
 	$(BIN)/lab run $*
 
+check-%: $(STAMP) ## check-N: grade your fix of scenario N; FILE=... (default workshop/<scenario>.py)
+	$(BIN)/lab check $* $(FILE)
+
 test: $(STAMP) lint ## lint, then the whole suite against a real PostgreSQL
 	$(BIN)/python -m pytest
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lab.errors import LabError
@@ -75,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     herd = commands.add_parser("herd", help="scenario 2 against Postgres: Brooker's backoff table")
     herd.add_argument("--occ", action="store_true", required=True, help="optimistic-concurrency clients on one row")
     herd.add_argument("--clients", type=_counts, default=(10, 25, 50), help="client counts (default 10,25,50)")
+
+    exercise = commands.add_parser("exercise", help="workshop: copy scenario N's buggy handler to workshop/ to fix")
+    exercise.add_argument("scenario", help="number (1) or name (s1_dedup_race)")
+    exercise.add_argument("--force", action="store_true", help="overwrite your copy with the buggy handler again")
+    check = commands.add_parser("check", help="workshop: grade your handler under the attack its fix is proven with")
+    check.add_argument("scenario", help="number (1) or name (s1_dedup_race)")
+    check.add_argument("file", nargs="?", help="your handler (default workshop/<scenario>.py)")
+    check.add_argument("--step-timeout", type=float, default=2.0, help="seconds a handler may stall (default 2)")
     return parser
 
 
@@ -90,11 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return run_scenario(console, scenario(args.scenario), _run_options(args))
+        if args.command in ("exercise", "check"):
+            return workshop_command(console, args)
         if args.command == "herd":
             return occ_table(console, args.clients)
         raise LabError(f"unknown command {args.command!r}")
     except (LabError, ScheduleError, HandlerHung) as exc:
-        Console(stderr=True, highlight=False).print(f"[bold red]lab:[/] {exc}", markup=True)
+        # soft_wrap: the one line stays one line in a pipe; escape: a handler's words are not markup
+        Console(stderr=True, highlight=False).print(f"[bold red]lab:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_CANNOT_RUN
     except KeyboardInterrupt:
         Console(stderr=True, highlight=False).print("lab: interrupted; everything the lab started is stopped")
@@ -148,6 +160,15 @@ def run_scenario(console: Console, info: ScenarioInfo, options: RunOptions) -> i
                 await workspace.close()
 
         return _run(journey())
+
+
+def workshop_command(console: Console, args: argparse.Namespace) -> int:
+    """`lab exercise` and `lab check` (lab/workshop.py): 0 pass, 1 fail, 2 cannot grade."""
+    from lab.workshop import check, exercise
+
+    if args.command == "exercise":
+        return exercise(console, scenario(args.scenario), force=args.force)
+    return check(console, scenario(args.scenario), args.file, step_timeout=args.step_timeout)
 
 
 def occ_table(console: Console, clients: tuple[int, ...]) -> int:

@@ -1,0 +1,321 @@
+"""The workshop: `lab exercise` hands out the bug, `lab check` grades a fix and cannot be fooled.
+
+The grader is only as good as the wrong fixes it rejects, so every file in ``tests/wrong_fixes`` (a
+plausible fix that is wrong, with why in its docstring) must fail with a timeline of the failing
+interleaving, and every file in ``tests/right_fixes`` (another correct design than ours) must pass.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from lab.errors import LabError
+from lab.grader import Budget, CannotGrade, grade_retry
+from lab.herd import check_retry
+from lab.postgres import Postgres
+from lab.registry import scenario
+from lab.submission import load
+from lab.workshop import finish, grade
+from lab.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+WRONG = ROOT / "tests" / "wrong_fixes"
+RIGHT = ROOT / "tests" / "right_fixes"
+LAB = [sys.executable, "-m", "lab.cli"]
+
+# What each wrong fix must be caught doing: a phrase of the broken rule the participant is shown.
+CAUGHT = {
+    "s1_lock_that_locks_nothing": "key k1 charged 2 times",
+    "s1_check_in_the_wrong_transaction": "key k1 charged 2 times",
+    "s1_ignored_on_conflict_result": "key k1 charged 2 times",
+    "s1_advisory_lock_released_early": "key k1 charged 2 times",
+    "s1_transaction_read_committed": "key k1 charged 2 times",
+    "s1_in_memory_lock": "key k1 charged 2 times",
+    "s1_on_conflict_do_update": "key k1 charged 2 times",
+    "s1_replays_in_progress_as_success": 'T2 answered 200 {"status": "in_progress"}',
+    "s1_forgets_the_body": "reused key k1 with a different body",
+    "s1_unique_violation_escapes": "T2 raised UniqueViolationError",
+    "s2_jitter_too_small": "clients arrived in one 50 ms bucket",
+    "s2_retry_condition_too_wide": "a 402 was sent 6 times",
+    "s2_retries_4xx": "a 400 was sent 6 times",
+    "s2_new_key_per_attempt": "was charged 2 times for one client",
+    "s2_ignores_retry_after": "Retry-After 2 s, but the retry came after",
+}
+
+
+def files(folder: Path, prefix: str) -> list[Path]:
+    return sorted(folder.glob(f"{prefix}_*.py"))
+
+
+def recording() -> Console:
+    return Console(width=120, color_system=None, force_terminal=False, record=True, file=open(os.devnull, "w"))
+
+
+async def check_file(workspace: Workspace, path: Path, budget: Budget | None = None) -> tuple[int, str]:
+    """What `lab check 1 FILE` does after provisioning: grade, print, and the exit code; with its output."""
+    console = recording()
+    verdict = await grade(workspace, scenario(1), load(path, "handle_charge"), 2.0, budget)
+    code = finish(console, verdict)
+    return code, console.export_text()
+
+
+def lab(*args: str, dsn: str, cwd: Path = ROOT, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LAB_DATABASE_URL": dsn, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*LAB, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout, check=False)
+
+
+def write(tmp_path: Path, name: str, source: str) -> Path:
+    path = tmp_path / name
+    path.write_text(source)
+    return path
+
+
+# -- lab exercise ----------------------------------------------------------------------------------------
+
+
+def test_exercise_copies_the_buggy_handler_and_says_what_to_do(tmp_path: Path) -> None:
+    """`lab exercise 1` writes workshop/s1_dedup_race.py, byte for byte the buggy handler, and names the check."""
+    done = subprocess.run([*LAB, "exercise", "1"], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr
+    copy = tmp_path / "workshop" / "s1_dedup_race.py"
+    assert copy.read_bytes() == (ROOT / "scenarios" / "s1_dedup_race.py").read_bytes()
+    assert "lab check 1 workshop/s1_dedup_race.py" in done.stdout
+    assert "make check-1" in done.stdout
+
+
+def test_exercise_never_overwrites_work_without_force(tmp_path: Path) -> None:
+    """A second `lab exercise 1` refuses in one line with exit 2; with --force it starts over."""
+    copy = tmp_path / "workshop" / "s1_dedup_race.py"
+    copy.parent.mkdir()
+    copy.write_text("# my work\n")
+    refused = subprocess.run([*LAB, "exercise", "1"], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "--force" in refused.stderr
+    assert copy.read_text() == "# my work\n"
+    forced = subprocess.run([*LAB, "exercise", "1", "--force"], capture_output=True, text=True, cwd=tmp_path,
+                            check=False)
+    assert forced.returncode == 0
+    assert copy.read_bytes() == (ROOT / "scenarios" / "s1_dedup_race.py").read_bytes()
+
+
+def test_make_check_runs_lab_check_on_the_default_or_the_given_file() -> None:
+    """`make check-1` runs `lab check 1` (whose default file is the exercise's), and FILE=... is passed on."""
+    default = subprocess.run(["make", "-n", "check-1"], capture_output=True, text=True, cwd=ROOT, check=True)
+    given = subprocess.run(["make", "-n", "check-1", "FILE=mine.py"], capture_output=True, text=True, cwd=ROOT,
+                           check=True)
+    assert default.stdout.strip().splitlines()[-1].strip() == ".venv/bin/lab check 1"
+    assert given.stdout.strip().splitlines()[-1] == ".venv/bin/lab check 1 mine.py"
+
+
+# -- lab check: the exit codes a participant meets -------------------------------------------------------
+
+
+def test_check_of_the_untouched_exercise_fails_with_the_double_charge(tmp_path: Path, postgres: Postgres) -> None:
+    """The buggy copy fails (exit 1) with a two-column timeline of the smallest interleaving that charged twice."""
+    subprocess.run([*LAB, "exercise", "1"], capture_output=True, cwd=tmp_path, check=True)
+    done = lab("check", "1", dsn=postgres.dsn, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "FAIL: every interleaving of 2 duplicate requests" in done.stdout
+    assert "the simplest failing run" in done.stdout and "T1" in done.stdout and "T2" in done.stdout
+    assert "✗ key k1 charged 2 times (ch_1, ch_2)" in done.stdout
+    assert "the customer paid twice" in done.stdout
+
+
+def test_check_passes_the_labs_own_fix_and_says_what_it_tried(postgres: Postgres) -> None:
+    """The lab's fix passes (exit 0) with one line per attack and a count of runs."""
+    done = lab("check", "1", "fixes/s1_dedup_race.py", dsn=postgres.dsn)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for attack in ("one request alone", "every interleaving of 2 duplicate requests",
+                   "every interleaving of 2 requests, same key, different body", "3 duplicate requests",
+                   "4 duplicate requests: random schedules (hypothesis, shrunk)", "stress: 10 requests"):
+        assert f"✓ {attack}" in done.stdout
+    assert "PASS:" in done.stdout and "✗" not in done.stdout
+
+
+BROKEN_FILES = {
+    "syntax.py": ("async def handle_charge(db, provider, key, body)\n    pass\n", "syntax.py, line 1: does not compile"),
+    "imports.py": ("import no_such_module_anywhere\n", "importing it failed: ModuleNotFoundError"),
+    "missing.py": ("async def handle(db, provider, key, body): ...\n", "defines no handle_charge"),
+    "plain.py": ("def handle_charge(db, provider, key, body): ...\n", "must be `async def handle_charge"),
+    "arity.py": ("async def handle_charge(db, key, body): ...\n", "cannot be called as `async def handle_charge"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_FILES)
+def test_a_file_that_cannot_be_loaded_is_one_line(tmp_path: Path, name: str) -> None:
+    """A file that does not compile or import, lacks the function, or has the wrong signature: one LabError line."""
+    source, expected = BROKEN_FILES[name]
+    with pytest.raises(LabError) as raised:
+        load(write(tmp_path, name, source), "handle_charge")
+    assert expected in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_cli_says_a_broken_file_in_one_line_with_exit_2_before_starting_postgres(tmp_path: Path) -> None:
+    """`lab check` on a file with a syntax error exits 2 with one line naming the line, and no traceback."""
+    path = write(tmp_path, "mine.py", "async def handle_charge(db, provider, key, body)\n    pass\n")
+    done = lab("check", "1", str(path), dsn="postgresql://nobody@127.0.0.1:1/none")  # never reached
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "line 1: does not compile" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+RAISES_ALONE = '''
+import lab
+
+async def handle_charge(db, provider, key, body):
+    await db.fetchrow("SELECT 1")
+    return lab.Response(201, {"amount": body["amount"]})
+'''
+
+HANGS = '''
+import asyncio
+
+async def handle_charge(db, provider, key, body):
+    await db.fetchrow("SELECT 1")
+    await asyncio.Event().wait()
+'''
+
+NEVER_STOPS = '''
+async def handle_charge(db, provider, key, body):
+    while True:
+        await db.fetchval("SELECT 1")
+'''
+
+
+async def test_a_handler_that_raises_on_a_lone_request_cannot_be_graded(tmp_path: Path, workspace: Workspace) -> None:
+    """Raising with nothing racing (so in every run) is one line naming the exception and the file's line."""
+    path = write(tmp_path, "raises.py", RAISES_ALONE)
+    with pytest.raises(CannotGrade) as raised:
+        await grade(workspace, scenario(1), load(path, "handle_charge"))
+    message = str(raised.value)
+    assert "raises.py, line 6: handle_charge raised TypeError" in message
+    assert "on a single request with nothing racing it" in message
+
+
+async def test_a_handler_that_hangs_is_stopped_by_the_step_timeout(tmp_path: Path, workspace: Workspace) -> None:
+    """A handler awaiting something that never comes is stopped after the step timeout, in one line."""
+    path = write(tmp_path, "hangs.py", HANGS)
+    started = time.monotonic()
+    with pytest.raises(CannotGrade) as raised:
+        await grade(workspace, scenario(1), load(path, "handle_charge"), 0.3)
+    assert time.monotonic() - started < 5
+    assert "T1 made no progress for 0.3 s" in str(raised.value)
+
+
+async def test_a_handler_that_never_stops_stepping_is_stopped(tmp_path: Path, workspace: Workspace) -> None:
+    """A run longer than the step budget (a loop of statements) cannot end under a schedule: one line."""
+    path = write(tmp_path, "loops.py", NEVER_STOPS)
+    with pytest.raises(CannotGrade) as raised:
+        await grade(workspace, scenario(1), load(path, "handle_charge"), budget=Budget(max_steps=50))
+    assert "one run took more than 50 steps" in str(raised.value)
+
+
+def test_a_handler_that_never_yields_the_event_loop_is_stopped(tmp_path: Path, postgres: Postgres) -> None:
+    """`while True: pass` freezes the loop the step timeout runs on; the alarm still ends the check: exit 2."""
+    path = write(tmp_path, "spins.py", "async def handle_charge(db, provider, key, body):\n    while True:\n"
+                                       "        pass\n")
+    started = time.monotonic()
+    done = lab("check", "1", str(path), "--step-timeout", "0.3", dsn=postgres.dsn, timeout=30)
+    assert time.monotonic() - started < 15
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "did not give control back for 1 s" in done.stderr
+
+
+# -- the grader that cannot be fooled: scenario 1 ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", files(WRONG, "s1"), ids=lambda p: p.stem)
+async def test_every_wrong_fix_is_rejected_with_its_failing_interleaving(path: Path, workspace: Workspace) -> None:
+    """A plausible wrong fix exits 1, and the output shows the failing run as a timeline and the broken rule."""
+    code, output = await check_file(workspace, path)
+    assert code == 1, output
+    assert "the simplest failing run (fewest preemptions" in output
+    assert CAUGHT[path.stem] in output
+
+
+@pytest.mark.parametrize("path", [ROOT / "fixes" / "s1_dedup_race.py", *files(RIGHT, "s1")], ids=lambda p: p.stem)
+async def test_every_right_fix_is_accepted(path: Path, workspace: Workspace) -> None:
+    """The lab's fix and other correct designs pass every attack (exit 0)."""
+    code, output = await check_file(workspace, path)
+    assert code == 0, output
+    assert "PASS:" in output
+
+
+def test_every_wrong_fix_file_is_named_in_the_table() -> None:
+    """Each wrong fix on disk says what it must be caught doing, so none is added without a claim."""
+    assert sorted(p.stem for p in WRONG.glob("*.py")) == sorted(CAUGHT)
+
+
+async def test_hypothesis_takes_over_past_the_exhaustive_bound(workspace: Workspace) -> None:
+    """With room for one interleaving only (which holds), random schedules find the double charge, shrunk."""
+    budget = Budget(pairs_limit=1)
+    wrong = load(WRONG / "s1_ignored_on_conflict_result.py", "handle_charge")
+    verdict = await grade(workspace, scenario(1), wrong, budget=budget)
+    names = [a.name for a in verdict.attacks]
+    assert "2 duplicate requests: the first 1 interleavings" in names
+    assert verdict.failure is not None and verdict.failure.outcome is not None
+    assert verdict.failure.attack == "2 duplicate requests: random schedules (hypothesis, shrunk)"
+    assert verdict.failure.problems[0] == "key k1 charged 2 times (ch_1, ch_2)"
+    order = verdict.failure.outcome.trace.order()
+    assert sum(a != b for a, b in zip(order, order[1:], strict=False)) == 2
+
+
+def test_each_request_runs_in_its_own_copy_of_the_module(tmp_path: Path) -> None:
+    """Module globals are not shared between requests, as they would not be between two servers."""
+    submission = load(write(tmp_path, "g.py", "seen: set[str] = set()\nasync def handle_charge(d, p, k, b): ...\n"),
+                      "handle_charge")
+    first, second = submission.fresh(), submission.fresh()
+    first.seen.add("k1")
+    assert second.seen == set() and submission.module.seen == set()
+
+
+# -- scenario 2: graded by lab.herd, in virtual time ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", files(WRONG, "s2"), ids=lambda p: p.stem)
+def test_every_wrong_retry_wrapper_is_rejected(path: Path) -> None:
+    """A plausible wrong retry loop fails the attack that exposes it, read from the simulated provider."""
+    verdict = grade_retry(load(path, "call_with_retry"))
+    assert verdict.failure is not None
+    assert any(CAUGHT[path.stem] in problem for problem in verdict.failure.problems), verdict.failure.problems
+
+
+@pytest.mark.parametrize("path", [ROOT / "fixes" / "s2_retry_herd.py", *files(RIGHT, "s2")], ids=lambda p: p.stem)
+def test_every_right_retry_wrapper_is_accepted(path: Path) -> None:
+    """The lab's retry fix, decorrelated jitter and equal jitter pass every attack."""
+    verdict = grade_retry(load(path, "call_with_retry"))
+    assert verdict.failure is None, verdict.failure
+
+
+def test_the_retry_verdict_is_check_retrys() -> None:
+    """The workshop grades scenario 2 with exactly the rules of lab.herd.check_retry."""
+    buggy = load(ROOT / "scenarios" / "s2_retry_herd.py", "call_with_retry")
+    verdict = grade_retry(buggy)
+    assert verdict.failure is not None
+    assert verdict.failure.problems == check_retry(buggy.function)
+
+
+def test_a_retry_wrapper_that_raises_on_success_cannot_be_graded(tmp_path: Path) -> None:
+    """A wrapper that raises even when fn succeeds at once is one line naming the file's line."""
+    path = write(tmp_path, "r.py", "async def call_with_retry(fn, max_attempts=6):\n    return 1 / 0\n")
+    with pytest.raises(CannotGrade) as raised:
+        grade_retry(load(path, "call_with_retry"))
+    assert "r.py, line 2: call_with_retry raised ZeroDivisionError" in str(raised.value)
+
+
+def test_a_retry_wrapper_that_spins_forever_is_stopped(tmp_path: Path) -> None:
+    """`lab check 2` on a wrapper that never yields ends with exit 2 and one line, within its deadline."""
+    path = write(tmp_path, "spin.py", "async def call_with_retry(fn, max_attempts=6):\n    while True:\n"
+                                      "        pass\n")
+    started = time.monotonic()
+    done = lab("check", "2", str(path), "--step-timeout", "0.1", dsn="postgresql://unused@127.0.0.1:1/x")
+    assert time.monotonic() - started < 15
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "did not give control back for 1.5 s" in done.stderr
+
