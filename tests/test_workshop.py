@@ -5,6 +5,7 @@ plausible fix that is wrong, with why in its docstring) must fail with a timelin
 interleaving, and every file in ``tests/right_fixes`` (another correct design than ours) must pass.
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def test_check_passes_the_labs_own_fix_and_says_what_it_tried(postgres: Postgres
 
 
 BROKEN_FILES = {
-    "syntax.py": ("async def handle_charge(db, provider, key, body)\n    pass\n", "syntax.py, line 1: does not compile"),
+    "syntax.py": ("async def handle_charge(db, provider, key, body)\n    pass\n", "line 1: does not compile"),
     "imports.py": ("import no_such_module_anywhere\n", "importing it failed: ModuleNotFoundError"),
     "missing.py": ("async def handle(db, provider, key, body): ...\n", "defines no handle_charge"),
     "plain.py": ("def handle_charge(db, provider, key, body): ...\n", "must be `async def handle_charge"),
@@ -248,8 +249,8 @@ async def test_every_right_fix_is_accepted(path: Path, workspace: Workspace) -> 
 
 
 def test_every_wrong_fix_file_is_named_in_the_table() -> None:
-    """Each wrong fix on disk says what it must be caught doing, so none is added without a claim."""
-    assert sorted(p.stem for p in WRONG.glob("*.py")) == sorted(CAUGHT)
+    """Each wrong fix for a graded scenario says what it must be caught doing, so none is added without a claim."""
+    assert sorted(p.stem for p in WRONG.glob("s[12]_*.py")) == sorted(CAUGHT)
 
 
 async def test_hypothesis_takes_over_past_the_exhaustive_bound(workspace: Workspace) -> None:
@@ -263,7 +264,7 @@ async def test_hypothesis_takes_over_past_the_exhaustive_bound(workspace: Worksp
     assert verdict.failure.attack == "2 duplicate requests: random schedules (hypothesis, shrunk)"
     assert verdict.failure.problems[0] == "key k1 charged 2 times (ch_1, ch_2)"
     order = verdict.failure.outcome.trace.order()
-    assert sum(a != b for a, b in zip(order, order[1:], strict=False)) == 2
+    assert sum(a != b for a, b in itertools.pairwise(order)) == 2
 
 
 def test_each_request_runs_in_its_own_copy_of_the_module(tmp_path: Path) -> None:
