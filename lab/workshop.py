@@ -142,7 +142,7 @@ def report(console: Console, verdict: Verdict) -> None:
     console.print()
     failure = verdict.failure
     if failure is None:
-        console.print(Text(f"PASS: {verdict.tried()}, and every one held.", style="bold green"))
+        console.print(Text(f"PASS: every attack held ({verdict.tried()}).", style="bold green"))
         return
     console.print(Text(f"FAIL: {failure.attack}: {failure.failing} of {failure.runs} {failure.unit} broke a rule.",
                        style="bold red"))
@@ -163,7 +163,7 @@ def _on_postgres(console: Console, alarm: Alarm, grade: Callable[[Workspace], Aw
     from lab.workspace import Workspace
 
     with provision() as pg:
-        console.print(pg.description, style="dim")
+        console.print(pg.description, style="dim", soft_wrap=True)
 
         async def graded() -> Verdict:
             beating = asyncio.create_task(alarm.heartbeat())
