@@ -34,6 +34,7 @@ from lab.scheduler import Choice, Chooser, HandlerHung, ScheduleError
 from lab.schedules import DepthFirst, Schedule
 from lab.search import search
 from lab.submission import Submission
+from lab.trace import Trace
 from lab.workspace import Workspace
 
 OTHER_BODY = json.dumps({"amount": 5000, "currency": "usd"}).encode()
@@ -76,6 +77,7 @@ class Failure:
     problems: list[str]
     advice: list[str]
     unit: str = "runs"
+    preemptions: int | None = None  # of the run shown
 
 
 @dataclass
@@ -288,7 +290,7 @@ class ChargeGrader:
         answers = judge_answers(requests, outcome, [(c["session"], c["outcome"]) for c in calls])
         # After a double charge, answers that differ are its echo, not news: only an exception is kept.
         problems += [p for p in answers if p[0] == "raised"] if problems else answers
-        return Judged(outcome, problems, counted.preemptions() if counted else 0)
+        return Judged(outcome, problems, counted.preemptions() if counted else preemptions_in(outcome.trace))
 
     def _record(
         self, name: str, judged: list[Judged], *, runs: int | None = None, failing: int | None = None, add: bool = True
@@ -303,7 +305,8 @@ class ChargeGrader:
         smallest = min(bad, key=Judged.size)
         kinds = list(dict.fromkeys(kind for kind, _ in smallest.problems))
         self.verdict.failure = Failure(
-            name, failing, runs, smallest.outcome, [text for _, text in smallest.problems], [ADVICE[k] for k in kinds]
+            name, failing, runs, smallest.outcome, [text for _, text in smallest.problems], [ADVICE[k] for k in kinds],
+            preemptions=preemptions_in(smallest.outcome.trace),
         )
         return False
 
@@ -360,6 +363,16 @@ def judge_answers(
                 " it must be refused with 422",
             ))
     return problems
+
+
+def preemptions_in(trace: Trace) -> int:
+    """Switches away from a session that was not waiting on a lock and had more steps to take."""
+    rows = trace.rows
+    return sum(
+        1 for i in range(len(rows) - 1)
+        if rows[i].session != rows[i + 1].session and not rows[i].waiting
+        and any(later.session == rows[i].session for later in rows[i + 2:])
+    )
 
 
 def _started_after(order: list[str], later: str, earlier: str) -> bool:

@@ -147,7 +147,12 @@ def report(console: Console, verdict: Verdict) -> None:
     console.print(Text(f"FAIL: {failure.attack}: {failure.failing} of {failure.runs} {failure.unit} broke a rule.",
                        style="bold red"))
     if failure.outcome is not None:
-        title = "the simplest failing run (fewest preemptions: requests paused while they could have gone on)"
+        n = failure.preemptions
+        title = "the simplest failing run"
+        if n == 0:
+            title += ": no preemption (each request ran until it finished or waited on a lock)"
+        elif n is not None:
+            title += f": {n} preemption{'' if n == 1 else 's'} (a request paused while it could have gone on)"
         console.print(timeline(failure.outcome.trace, failure.outcome.results, title=title))
     for problem in failure.problems:
         console.print(Text(f"✗ {problem}", style="bold red"))

@@ -214,7 +214,7 @@ async def test_every_wrong_fix_is_rejected_with_its_failing_interleaving(path: P
     """A plausible wrong fix exits 1, and the output shows the failing run as a timeline and the broken rule."""
     code, output = await check_file(workspace, path)
     assert code == 1, output
-    assert "the simplest failing run (fewest preemptions" in output
+    assert "the simplest failing run" in output
     assert CAUGHT[path.stem] in output
 
 
