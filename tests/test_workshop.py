@@ -251,6 +251,38 @@ async def test_hypothesis_takes_over_past_the_exhaustive_bound(workspace: Worksp
     assert sum(a != b for a, b in itertools.pairwise(order)) == 2
 
 
+OWN_SCHEMA = '''
+import lab
+
+SCHEMA = "CREATE TABLE my_keys (key text PRIMARY KEY, response jsonb);"
+
+
+async def handle_charge(db, provider, key, body):
+    won = await db.fetchrow("INSERT INTO my_keys (key) VALUES ($1) ON CONFLICT DO NOTHING RETURNING key", key)
+    if won is None:
+        return lab.Response(409, {"error": "in flight or done"})
+    return lab.Response(201, {"charge_id": await provider.charge(key, 1000)})
+'''
+
+TINY = Budget(pairs_limit=4, other_body_limit=4, triples_limit=4, random_examples=4, stress=((2, 2),))
+
+
+async def test_a_file_may_bring_its_own_schema(tmp_path: Path, workspace: Workspace) -> None:
+    """A file's own SCHEMA replaces the scenario's, so a learner may shape the table; its handler then runs."""
+    verdict = await grade(workspace, scenario(1), load(write(tmp_path, "own.py", OWN_SCHEMA), "handle_charge"),
+                          budget=TINY)
+    assert verdict.attacks[0].name == "one request alone" and not verdict.attacks[0].failing
+    assert verdict.failure is not None  # it never replays: a retry after the answer gets 409
+    assert verdict.failure.problems[0].startswith("T2 came after T1 had answered 201")
+
+
+async def test_a_schema_that_does_not_install_cannot_be_graded(tmp_path: Path, workspace: Workspace) -> None:
+    """A SCHEMA PostgreSQL refuses is one line saying so."""
+    path = write(tmp_path, "bad.py", 'SCHEMA = "CREATE TABEL x (a int);"\nasync def handle_charge(d, p, k, b): ...\n')
+    with pytest.raises(CannotGrade, match=r"bad\.py: its SCHEMA does not install: syntax error"):
+        await grade(workspace, scenario(1), load(path, "handle_charge"), budget=TINY)
+
+
 def test_each_request_runs_in_its_own_copy_of_the_module(tmp_path: Path) -> None:
     """Module globals are not shared between requests, as they would not be between two servers."""
     submission = load(write(tmp_path, "g.py", "seen: set[str] = set()\nasync def handle_charge(d, p, k, b): ...\n"),
