@@ -3,9 +3,13 @@
 This module is the workshop API: the names a scenario, a fix or a learner's handler uses.
 """
 
-from lab.contracts import Event, ProviderError, Response
+from lab.contracts import Event, ProviderError, RejectedEvent, Response
 from lab.errors import LabError
-from lab.invariants import at_most_one_charge_per_key, at_most_one_provider_call_per_key
+from lab.invariants import (
+    at_most_one_charge_per_key,
+    at_most_one_provider_call_per_key,
+    reserved_is_sum_of_distinct_events,
+)
 from lab.provider import Provider
 from lab.proxy import SessionDb as Db
 from lab.scheduler import Crash, ScheduleError
@@ -18,9 +22,11 @@ __all__ = [
     "LabError",
     "Provider",
     "ProviderError",
+    "RejectedEvent",
     "Response",
     "Schedule",
     "ScheduleError",
     "at_most_one_charge_per_key",
     "at_most_one_provider_call_per_key",
+    "reserved_is_sum_of_distinct_events",
 ]

@@ -26,6 +26,10 @@ class Event:
     qty: int
 
 
+class RejectedEvent(ValueError):
+    """A consumer refuses an event it can never apply (malformed): the relay dead-letters it, never retries it."""
+
+
 class ProviderError(Exception):
     """The payment provider answered with an HTTP error status (402 declined, 503 down, ...)."""
 

@@ -49,3 +49,65 @@ async def at_most_one_charge_per_key(workspace: Workspace, requests: Sequence[_R
     """Scenario 3: calls may repeat with the same provider key, but money moves once per key."""
     charges = await _per_key(workspace, requests, "outcome = 'charged'")
     return [f"key {key} charged {len(c)} times ({', '.join(c)})" for key, c in charges.items() if len(c) > 1]
+
+
+# Scenario 4 reads the relay's tables (lab.inbox.RELAY_SQL) against the handler's own.
+def _valid(schema: str) -> str:
+    """A message the consumer can apply: it names an event, a positive quantity and a SKU that exists."""
+    return f"o.event_id <> '' AND o.qty > 0 AND o.sku IN (SELECT sku FROM {schema}.inventory)"
+
+
+async def inventory_drift(workspace: Workspace) -> list[tuple[str, int, int, list[tuple[str, int]]]]:
+    """Each SKU whose ``reserved`` differs from its distinct valid events: (sku, reserved, expected, events).
+
+    The truth is what the producer published (the relay's outbox), counted once per event id
+    however many messages carried it; what the consumer says it did plays no part.
+    """
+    s = workspace.schema
+    rows = await workspace.admin.fetch(
+        f"""WITH events AS (
+                SELECT DISTINCT ON (o.event_id) o.event_id, o.sku, o.qty FROM {s}.relay_outbox o
+                WHERE {_valid(s)} ORDER BY o.event_id, o.seq
+            )
+            SELECT i.sku, i.reserved, coalesce(sum(e.qty), 0) AS expected,
+                   coalesce(array_agg(e.event_id ORDER BY e.event_id) FILTER (WHERE e.event_id IS NOT NULL), '{{}}')
+                       AS ids,
+                   coalesce(array_agg(e.qty ORDER BY e.event_id) FILTER (WHERE e.event_id IS NOT NULL), '{{}}') AS qtys
+            FROM {s}.inventory i LEFT JOIN events e USING (sku)
+            GROUP BY i.sku, i.reserved HAVING i.reserved <> coalesce(sum(e.qty), 0) ORDER BY i.sku"""
+    )
+    return [(r["sku"], r["reserved"], r["expected"], list(zip(r["ids"], r["qtys"], strict=True))) for r in rows]
+
+
+async def reserved_is_sum_of_distinct_events(workspace: Workspace) -> list[str]:
+    """Scenario 4: reserved per SKU is the sum of distinct events' quantities; none lost, none applied twice."""
+    anomalies = [_drift(*row) for row in await inventory_drift(workspace)]
+    s = workspace.schema
+    for row in await workspace.admin.fetch(
+        f"""SELECT o.seq, o.event_id, o.sku, o.qty,
+                   EXISTS (SELECT 1 FROM {s}.relay_acks a WHERE a.seq = o.seq) AS acked,
+                   d.error,
+                   EXISTS (SELECT 1 FROM {s}.processed_events p WHERE p.event_id = o.event_id) AS recorded,
+                   ({_valid(s)}) AS valid
+            FROM {s}.relay_outbox o LEFT JOIN {s}.dead_letters d USING (seq) ORDER BY o.seq"""
+    ):
+        what = f"event {row['event_id']!r} ({row['sku']}, qty {row['qty']})"
+        if not row["acked"]:
+            anomalies.append(f"{what} never acknowledged: message {row['seq']} still with the relay")
+        elif row["valid"] and row["error"] is not None:
+            anomalies.append(f"{what} lost: dead-lettered although valid ({row['error']})")
+        elif not row["valid"] and row["error"] is None:
+            anomalies.append(f"malformed {what} accepted instead of rejected")
+        elif not row["valid"] and row["recorded"]:
+            anomalies.append(f"malformed {what} rejected, but recorded in processed_events: half-applied")
+    return anomalies
+
+
+def _drift(sku: str, reserved: int, expected: int, events: list[tuple[str, int]]) -> str:
+    if len(events) == 1 and reserved % events[0][1] == 0:
+        event_id, qty = events[0]
+        times = reserved // qty
+        applied = "lost" if times == 0 else f"applied {times} times"
+        return f"event {event_id} {applied} ({sku} reserved {reserved}, expected {expected})"
+    gap = reserved - expected
+    return f"{sku} reserved {reserved}, expected {expected}: " + (f"surplus {gap}" if gap > 0 else f"{-gap} lost")

@@ -152,7 +152,9 @@ class ConnectionBank:
             try:
                 # A crashed session's backend may be gone while the client has not noticed yet: ask.
                 await conn.execute("ROLLBACK" if conn.is_in_transaction() else "SELECT 1")
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+            # InternalClientError: the client read the backend's FATAL but not yet its EOF (a crash a moment
+            # ago), and refuses any query while it waits for a ReadyForQuery that will never come.
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
                 conn.terminate()
                 continue
             alive.append(conn)

@@ -44,6 +44,12 @@ SCENARIOS: dict[int, ScenarioInfo] = {
         fix="full jitter, retry only 5xx/429/timeouts, honour Retry-After, one idempotency key per call",
         runner="lab.herd:herd_journey",
     ),
+    4: ScenarioInfo(
+        4, "s4_inbox_double_apply", "Inbox double-apply", "handle_event",
+        bug="ON CONFLICT DO NOTHING, then an unconditional UPDATE: a redelivered event is applied again",
+        fix="apply only when the dedup INSERT ... RETURNING gave a row, in the same transaction",
+        runner="lab.inbox_journey:inbox_journey",
+    ),
 }
 
 

@@ -123,6 +123,10 @@ class Scheduler:
         session = _current.get()
         if session is None or session.name not in self._sessions:
             return await action()  # not a scheduled session (set-up code, the invariant check)
+        if session.state == "crashed":
+            # A dead process sends nothing: a ROLLBACK on the way out (its client may not have seen the
+            # terminated backend yet) must not park at a gate that will never open.
+            raise asyncio.CancelledError
         session.pending = text
         session.moved.set()
         await session.go.wait()
@@ -265,12 +269,26 @@ class Scheduler:
         session.state = "crashed"
         if session.pids:
             await self._monitor.execute(
-                "SELECT pg_catalog.pg_terminate_backend(pid, 5000) FROM unnest($1::int[]) AS pid",
-                list(session.pids),
+                "SELECT pg_catalog.pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", list(session.pids)
             )
+            await self._gone(session)
         if session.task is not None:
             session.task.cancel()
             await asyncio.gather(session.task, return_exceptions=True)
+
+    async def _gone(self, session: _Session) -> None:
+        """Wait until the terminated backends have rolled back and left, so no other step sees their locks.
+
+        ``pg_terminate_backend(pid, timeout)`` waits too, but it polls every 100 ms: a crash cost ~100 ms.
+        A backend leaves pg_stat_activity only after it aborted its transaction and released its locks.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._step_timeout
+        query = "SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE pid = ANY($1::int[])"
+        while await self._monitor.fetchval(query, list(session.pids)):
+            if loop.time() > deadline:
+                raise HandlerHung(session.name, self._step_timeout, "its terminated backend still there")
+            await asyncio.sleep(0.0005)
 
     async def _cancel_all(self) -> None:
         for session in self._sessions.values():

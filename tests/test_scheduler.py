@@ -127,6 +127,29 @@ async def test_a_crash_cancels_the_session_at_its_step_boundary() -> None:
     assert "crash" in scheduler.trace.rows[1].text
 
 
+async def test_a_crashed_session_cannot_step_on_its_way_out() -> None:
+    """A step attempted after the crash (a ROLLBACK in a finally) is refused, so the crash never hangs."""
+    scheduler = Scheduler(NO_DATABASE, step_timeout=1)
+    record: list[str] = []
+
+    async def rolls_back() -> None:
+        try:
+            await scheduler.step("UPDATE", lambda: _note(record, "UPDATE"), pid=None, render=str)
+            await scheduler.step("COMMIT", lambda: _note(record, "COMMIT"), pid=None, render=str)
+        except BaseException:
+            await scheduler.step("ROLLBACK", lambda: _note(record, "ROLLBACK"), pid=None, render=str)
+            raise
+
+    results = await scheduler.run({"T1": rolls_back}, ScriptedChooser(["T1", Crash("T1")], strict=True))
+    assert record == ["UPDATE"]
+    assert results[0].crashed
+
+
+async def _note(record: list[str], text: str) -> str:
+    record.append(text)
+    return text
+
+
 async def test_a_handler_exception_is_the_sessions_outcome() -> None:
     """An exception raised by a handler ends only that session and is reported as its result."""
     scheduler = Scheduler(NO_DATABASE)

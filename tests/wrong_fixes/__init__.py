@@ -1,0 +1,1 @@
+"""Handlers that look fixed and are not: each exists to prove that some attack rejects it."""
