@@ -19,7 +19,7 @@ import asyncpg
 
 from lab.contracts import Response
 from lab.invariants import Invariant
-from lab.provider import Provider
+from lab.provider import Provider, release_as_is
 from lab.proxy import ConnectionBank, SessionDb
 from lab.scheduler import Chooser, Scheduler, SessionResult, enter_session
 from lab.schedules import DepthFirst
@@ -108,7 +108,8 @@ class ChargeLab:
     async def __aenter__(self) -> ChargeLab:
         self._monitor = await self.workspace.connect()
         self._pool = await asyncpg.create_pool(
-            self.workspace.dsn, min_size=1, max_size=10, server_settings={"application_name": "lab-provider"}
+            self.workspace.dsn, min_size=1, max_size=10, server_settings={"application_name": "lab-provider"},
+            reset=release_as_is,
         )
         return self
 

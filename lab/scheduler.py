@@ -221,7 +221,10 @@ class Scheduler:
                 self._record(session, was_blocked)
                 return
             try:
-                await asyncio.wait_for(session.moved.wait(), _BLOCK_POLL_S)
+                # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, which
+                # costs two more loop turns a step (make bench: ~80 -> ~65 turns a schedule).
+                async with asyncio.timeout(_BLOCK_POLL_S):
+                    await session.moved.wait()
                 continue
             except TimeoutError:
                 pass
