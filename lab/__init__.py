@@ -3,11 +3,16 @@
 This module is the workshop API: the names a scenario, a fix or a learner's handler uses.
 """
 
+from lab import clock
+from lab.charge import CrashAttack
 from lab.contracts import Event, ProviderError, RejectedEvent, Response
 from lab.errors import LabError
 from lab.invariants import (
+    answered_as_stored,
     at_most_one_charge_per_key,
     at_most_one_provider_call_per_key,
+    called_once_and_answered_as_stored,
+    charged_once_after_recovery,
     reserved_is_sum_of_distinct_events,
 )
 from lab.provider import Provider
@@ -17,6 +22,7 @@ from lab.schedules import Schedule
 
 __all__ = [
     "Crash",
+    "CrashAttack",
     "Db",
     "Event",
     "LabError",
@@ -26,7 +32,11 @@ __all__ = [
     "Response",
     "Schedule",
     "ScheduleError",
+    "answered_as_stored",
     "at_most_one_charge_per_key",
     "at_most_one_provider_call_per_key",
+    "called_once_and_answered_as_stored",
+    "charged_once_after_recovery",
+    "clock",
     "reserved_is_sum_of_distinct_events",
 ]

@@ -2,8 +2,10 @@
 
 1. a hand-written schedule (the scenario's canonical race), shown as a timeline;
 2. every interleaving of 2 or 3 sessions, by depth-first search over the scheduler's choices;
-3. stress: N sessions released together by a barrier, many trials, a measured anomaly rate.
-After every run the invariant is read from the provider's ledger, never from what the handler said.
+3. stress: N sessions released together by a barrier, many trials, a measured anomaly rate;
+4. crash points: one session crashed at each of its step boundaries, then the client's retry.
+After every run the invariant is read from the provider's ledger, never from what the handler said;
+what each client was answered is recorded beside it (``client_answers``) for invariants to compare.
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import asyncpg
 
+from lab import clock
 from lab.contracts import Response
 from lab.invariants import Invariant
 from lab.provider import Provider, release_as_is
 from lab.proxy import ConnectionBank, SessionDb
-from lab.scheduler import Chooser, Scheduler, SessionResult, enter_session
-from lab.schedules import DepthFirst
-from lab.trace import Trace
+from lab.scheduler import Choice, Chooser, Crash, Scheduler, SessionResult, enter_session, render_error
+from lab.schedules import DepthFirst, ScriptedChooser
+from lab.trace import Row, Trace
 from lab.workspace import Workspace
 
 BODY = json.dumps({"amount": 1000, "currency": "usd"}).encode()
@@ -88,6 +91,15 @@ class StressResult:
         return self.failing / self.trials if self.trials else 0.0
 
 
+@dataclass(frozen=True)
+class CrashAttack:
+    """A scenario's crash-point attack: the original request crashes at each step boundary, then its
+    client retries ``retry_after`` seconds later on the lab clock, and ``invariant`` must hold."""
+
+    retry_after: float
+    invariant: Invariant
+
+
 def switches(trace: Trace) -> int:
     """How often the timeline changes hands: the measure of 'smallest' for a failing interleaving."""
     order = trace.order()
@@ -130,10 +142,13 @@ class ChargeLab:
         chooser: Chooser,
         *,
         provider_script: list[Any] | None = None,
+        fresh: bool = True,
     ) -> RunOutcome:
-        """One scheduled run from fresh state."""
+        """One scheduled run from fresh state; ``fresh=False`` goes on from what the last run left."""
         assert self._monitor is not None and self._pool is not None
-        await self.workspace.reset()
+        if fresh:
+            await self.workspace.reset()
+            clock.reset()
         scheduler = Scheduler(self._monitor, step_timeout=self.step_timeout)
         provider = Provider(self._pool, self.workspace.ledger, scheduler)
         provider.script.extend(provider_script or [])
@@ -142,6 +157,8 @@ class ChargeLab:
             db = await self._bank.db_for(request.session, scheduler)
             handlers[request.session] = _bind(handler, db, provider, request)
         results = await scheduler.run(handlers, chooser)
+        got = {r.name: r.result if r.error is None else r.error for r in results if not r.crashed}
+        await self._record_answers([(r, got[r.session]) for r in requests if r.session in got])
         anomalies = await self.invariant(self.workspace, requests)
         return RunOutcome(scheduler.trace, results, anomalies)
 
@@ -177,6 +194,7 @@ class ChargeLab:
         requests = duplicates(concurrency)
         for _ in range(trials):
             await self.workspace.reset()
+            clock.reset()
             provider = Provider(self._pool, self.workspace.ledger)
             barrier = asyncio.Barrier(concurrency)
             dbs = [await self._bank.db_for(r.session, None) for r in requests]
@@ -184,7 +202,8 @@ class ChargeLab:
                 _released(barrier, _bind(handler, db, provider, r), r.session)
                 for db, r in zip(dbs, requests, strict=True)
             ]
-            await asyncio.wait_for(asyncio.gather(*clients, return_exceptions=True), self.step_timeout * 4)
+            answers = await asyncio.wait_for(asyncio.gather(*clients, return_exceptions=True), self.step_timeout * 4)
+            await self._record_answers(list(zip(requests, answers, strict=True)))
             anomalies = await self.invariant(self.workspace, requests)
             result.trials += 1
             if anomalies:
@@ -195,6 +214,87 @@ class ChargeLab:
                 progress(result.trials)
         result.seconds = loop.time() - started
         return result
+
+    async def crash_points(
+        self,
+        handler: ChargeHandler,
+        requests: list[Request],
+        recovery: list[Request],
+        *,
+        victim: str = "T1",
+        pause: float = 0.0,
+        invariant: Invariant | None = None,
+        progress: Progress | None = None,
+    ) -> Exploration:
+        """Crash ``victim`` at each of its step boundaries in turn; then ``recovery`` runs on what is left.
+
+        Point n crashes the victim before its (n+1)-th step: its backends are terminated (the open
+        transaction rolls back) and its task cancelled, while what already left the process stays, a
+        commit or a provider charge. ``pause`` seconds later on the lab clock the recovery (the client's
+        retry, a redelivery) runs to the end, and ``invariant`` (default: the lab's) is read over both.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        check = invariant or self.invariant
+        found = Exploration()
+        counting = _CrashAfter(victim, None)
+        await self.run(handler, requests, counting)
+        for point in range(counting.taken):
+            crashed = await self.run(handler, requests, _CrashAfter(victim, point))
+            clock.advance(pause)
+            retried = await self.run(handler, recovery, ScriptedChooser([], strict=False), fresh=False)
+            later = Row(recovery[0].session, f"({pause:g} s later on the lab clock, the client retries)")
+            trace = Trace([*crashed.trace.rows, later, *retried.trace.rows])
+            anomalies = await check(self.workspace, [*requests, *recovery])
+            found.runs += 1
+            if anomalies:
+                found.failing += 1
+                if found.smallest is None:  # the earliest crash point that breaks: the simplest story
+                    found.smallest = RunOutcome(trace, [*crashed.results, *retried.results], anomalies)
+            if progress:
+                progress(found.runs)
+        found.seconds = loop.time() - started
+        return found
+
+    async def _record_answers(self, answered: Sequence[tuple[Request, object]]) -> None:
+        """What each client got on the wire (an exception is the 500 its framework sends; a crash, nothing)."""
+        rows = [(request.session, request.key, *_wire(value)) for request, value in answered]
+        rows = [row for row in rows if row[2] is not None]
+        if rows:
+            await self.workspace.admin.execute(
+                f"INSERT INTO {self.workspace.ledger}.client_answers (session, idempotency_key, status, body)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::jsonb[])",
+                *(list(column) for column in zip(*rows, strict=True)),
+            )
+
+
+def _wire(value: object) -> tuple[int | None, str]:
+    if isinstance(value, Response):
+        return value.status, json.dumps(value.body)
+    if isinstance(value, BaseException):
+        return 500, json.dumps({"error": render_error(value)})
+    return None, ""
+
+
+class _CrashAfter:
+    """The victim moves first; after ``steps`` of its steps it is crashed. ``None`` never crashes it, and
+    counts its steps (``taken``): the number of step boundaries a crash can fall on."""
+
+    def __init__(self, victim: str, steps: int | None) -> None:
+        self.victim = victim
+        self.steps = steps
+        self.taken = 0
+        self.crashed = False
+
+    def choose(self, runnable: Sequence[str], blocked: Sequence[str]) -> Choice:
+        can_move = self.victim in runnable or self.victim in blocked
+        if self.taken == self.steps and not self.crashed and can_move:
+            self.crashed = True
+            return Crash(self.victim)
+        if self.victim in runnable and (self.steps is None or self.taken < self.steps):
+            self.taken += 1
+            return self.victim
+        return runnable[0]
 
 
 def _bind(handler: ChargeHandler, db: SessionDb, provider: Provider, request: Request) -> Callable[[], Awaitable[Any]]:

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     side.add_argument("--fixed", action="store_true", help="only the fix")
     run.add_argument("--explore", action="store_true", help="every interleaving (depth-first over the schedule)")
     run.add_argument("--stress", action="store_true", help="no gates: sessions released together, many trials")
+    run.add_argument("--crash", action="store_true", help="crash the original at every step boundary, then retry")
     run.add_argument("--sessions", type=_counts, default=(), help="explore interleavings of N sessions (e.g. 2,3)")
     run.add_argument("--trials", type=_positive, default=100, help="stress trials (default 100)")
     run.add_argument("--concurrency", type=_counts, default=(2,), help="stress sessions per trial, e.g. 2,10,100")
@@ -114,13 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_options(args: argparse.Namespace) -> RunOptions:
-    everything = not (args.explore or args.stress)
+    everything = not (args.explore or args.stress or args.crash)
     sides = ("buggy",) if args.buggy else ("fixed",) if args.fixed else ("buggy", "fixed")
     return RunOptions(
         sides=sides,
         canonical=everything,
         explore=everything or args.explore,
         stress=everything or args.stress,
+        crash=everything or args.crash,
         sessions=args.sessions,
         trials=args.trials,
         concurrency=args.concurrency,

@@ -5,6 +5,7 @@ Each returns the anomalies it found, one plain sentence each; an empty list mean
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -49,6 +50,61 @@ async def at_most_one_charge_per_key(workspace: Workspace, requests: Sequence[_R
     """Scenario 3: calls may repeat with the same provider key, but money moves once per key."""
     charges = await _per_key(workspace, requests, "outcome = 'charged'")
     return [f"key {key} charged {len(c)} times ({', '.join(c)})" for key, c in charges.items() if len(c) > 1]
+
+
+# Scenario 3 compares two records the handler cannot forge: what each client got on the wire (the lab's
+# client_answers) and what the key's row will replay (a charge endpoint's idempotency_keys table).
+async def answered_as_stored(workspace: Workspace, requests: Sequence[_Request]) -> list[str]:
+    """Scenario 3: every client answered 2xx got exactly the response its key stores for replay."""
+    anomalies = []
+    for row in await workspace.admin.fetch(
+        f"""SELECT a.session, a.idempotency_key AS key, a.status, a.body,
+                   k.status AS state, k.response_status, k.response_body
+            FROM {workspace.ledger}.client_answers a LEFT JOIN {workspace.schema}.idempotency_keys k
+                 ON k.key = a.idempotency_key
+            WHERE a.status BETWEEN 200 AND 299 ORDER BY a.answer_no"""
+    ):
+        said, who = _said(row["status"], row["body"]), f"key {row['key']}: {row['session']} was answered"
+        if row["state"] != "completed":
+            anomalies.append(f"{who} {said}, but the key is {row['state'] or 'absent'}: nothing to replay")
+        elif (kept := _said(row["response_status"], row["response_body"])) != said:
+            anomalies.append(f"{who} {said}, but the key replays {kept}")
+    return anomalies
+
+
+def _said(status: int | None, body: str | None) -> str:
+    """A response in a few words: the charge id when there is one, else status and body."""
+    content = json.loads(body) if body is not None else None
+    charge = content.get("charge_id") if isinstance(content, dict) else None
+    return f"{status} {charge}" if charge else f"{status} {content}"
+
+
+async def called_once_and_answered_as_stored(workspace: Workspace, requests: Sequence[_Request]) -> list[str]:
+    """Scenario 3: the provider is called once per key, and every client answered 2xx got what the key stores."""
+    return [
+        *await at_most_one_provider_call_per_key(workspace, requests),
+        *await answered_as_stored(workspace, requests),
+    ]
+
+
+async def charged_once_after_recovery(workspace: Workspace, requests: Sequence[_Request]) -> list[str]:
+    """Scenario 3 after a crash and the client's retry: one charge per key, completed, answered as stored.
+
+    A retry may call the provider again (the crashed owner could not say whether it had charged), so
+    calls are not counted here, charges are: with the request's key sent to the provider, one.
+    """
+    charges = await _per_key(workspace, requests, "outcome = 'charged'")
+    status = {
+        row["key"]: row["status"]
+        for row in await workspace.admin.fetch(f"SELECT key, status FROM {workspace.schema}.idempotency_keys")
+    }
+    anomalies = []
+    for key in dict.fromkeys(r.key for r in requests):
+        if len(made := charges.get(key, [])) != 1:
+            anomalies.append(f"key {key} charged {len(made)} times" + (f" ({', '.join(made)})" if made else ""))
+        if status.get(key) != "completed":
+            anomalies.append(f"key {key} ended {status.get(key, 'absent')}, not completed")
+    return [*anomalies, *await answered_as_stored(workspace, requests)]
 
 
 # Scenario 4 reads the relay's tables (lab.inbox.RELAY_SQL) against the handler's own.

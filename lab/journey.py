@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lab.charge import ChargeLab, duplicates
+from lab.charge import ChargeLab, CrashAttack, Request, duplicates
 from lab.registry import ScenarioInfo
 from lab.timeline import render
 from lab.workspace import Workspace
@@ -31,6 +31,7 @@ class RunOptions:
     canonical: bool = True
     explore: bool = True
     stress: bool = True
+    crash: bool = True  # where the scenario module names a CRASH attack (lab.CrashAttack)
     sessions: tuple[int, ...] = ()  # interleavings of how many sessions; default: buggy 2, fixed 2 and 3
     trials: int = 100
     concurrency: tuple[int, ...] = (2,)
@@ -93,6 +94,18 @@ async def charge_journey(console: Console, workspace: Workspace, info: ScenarioI
                     )
                     verdict.broken += found.failing
                     verdict.reproduced |= found.failing > 0
+            attack: CrashAttack | None = getattr(buggy, "CRASH", None)
+            if options.crash and attack is not None:
+                with progress_bar(console, f"{side}: crash points", None) as tick:
+                    crashed = await lab.crash_points(
+                        module.handle_charge, duplicates(1), [Request("T2")],
+                        pause=attack.retry_after, invariant=attack.invariant, progress=tick,
+                    )
+                verdict.cells["crash points"] = (
+                    f"anomaly in {crashed.failing} of {crashed.runs} ({crashed.seconds:.2f} s)"
+                )
+                verdict.broken += crashed.failing
+                verdict.reproduced |= crashed.failing > 0
             if options.stress:
                 for concurrency in options.concurrency:
                     with progress_bar(console, f"{side}: stress at {concurrency}", options.trials) as tick:

@@ -61,15 +61,19 @@ class Provider:
     async def _call(
         self, session: str | None, reference: str, amount: int, key: str | None, outcome: Outcome
     ) -> str:
+        # A failure is raised only after the ledger's transaction committed: raised inside it, the rollback
+        # would erase the record of the very call that failed.
         async with self._pool.acquire() as conn, conn.transaction():
-            if outcome.kind == "error":
-                await self._log(conn, session, reference, amount, key, f"error {outcome.status}", None)
-                raise ProviderError(outcome.status)
-            if outcome.kind == "timeout":
-                await self._log(conn, session, reference, amount, key, "timeout", None)
-                raise TimeoutError("provider did not answer")
-            charge_id, replayed = await self._charge(conn, reference, amount, key)
-            await self._log(conn, session, reference, amount, key, "replayed" if replayed else "charged", charge_id)
+            if outcome.kind in ("error", "timeout"):
+                failure = f"error {outcome.status}" if outcome.kind == "error" else "timeout"
+                await self._log(conn, session, reference, amount, key, failure, None)
+            else:
+                charge_id, replayed = await self._charge(conn, reference, amount, key)
+                await self._log(conn, session, reference, amount, key, "replayed" if replayed else "charged", charge_id)
+        if outcome.kind == "error":
+            raise ProviderError(outcome.status)
+        if outcome.kind == "timeout":
+            raise TimeoutError("provider did not answer")
         if outcome.kind == "timeout-after-charge":
             raise TimeoutError("provider charged, then the response was lost")
         return charge_id

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -28,6 +29,8 @@ def _sql_text(sql: str, args: Sequence[Any]) -> str:
 
 
 def _short(value: Any, limit: int = 16) -> str:
+    if isinstance(value, datetime):
+        return value.strftime("%H:%M:%S")  # a lease on the lab clock (lab.clock) reads as time into the run
     shown = repr(value.decode() if isinstance(value, bytes) else value)
     return shown if len(shown) <= limit else shown[: limit - 1] + "…'"
 

@@ -44,6 +44,12 @@ SCENARIOS: dict[int, ScenarioInfo] = {
         fix="full jitter, retry only 5xx/429/timeouts, honour Retry-After, one idempotency key per call",
         runner="lab.herd:herd_journey",
     ),
+    3: ScenarioInfo(
+        3, "s3_lost_transition", "Lost transition", "handle_charge",
+        bug="a retry reads in_progress and calls the provider anyway; the last UPDATE to completed wins",
+        fix="a live lease answers 409; every transition a compare-and-set on the owner's attempt; keyed provider",
+        runner="lab.journey:charge_journey",
+    ),
     4: ScenarioInfo(
         4, "s4_inbox_double_apply", "Inbox double-apply", "handle_event",
         bug="ON CONFLICT DO NOTHING, then an unconditional UPDATE: a redelivered event is applied again",

@@ -31,6 +31,13 @@ CREATE TABLE provider_calls (
     charge_id       text
 );
 CREATE SEQUENCE charge_numbers;
+CREATE TABLE client_answers (          -- what each client got on the wire, recorded by the lab, not the handler
+    answer_no       bigserial PRIMARY KEY,
+    session         text NOT NULL,
+    idempotency_key text,
+    status          int NOT NULL,          -- 500 when the handler raised
+    body            jsonb NOT NULL
+);
 """
 
 
