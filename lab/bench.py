@@ -114,15 +114,14 @@ class Bench:
 @dataclass(frozen=True)
 class Settings:
     runs: int = 3
-    price_seconds: int = 1  # pgbench -T takes whole seconds
-    driver_seconds: int = 1
+    seconds: float = 1.0  # each client loop; pgbench runs at least 1 s (its -T takes whole seconds)
     stress_trials: dict[int, int] = field(default_factory=lambda: dict(STRESS_TRIALS))
     explore_cap: int = 400  # schedules per measurement: all of scenario 1's (270 at most)
     startup: bool = True
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(runs=1, stress_trials={2: 10, 10: 5, 100: 2}, explore_cap=40)
+        return cls(runs=1, seconds=0.3, stress_trials={2: 10, 10: 5, 100: 2}, explore_cap=40)
 
 
 # -- start-up -----------------------------------------------------------------------------------------
@@ -556,7 +555,7 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def run_pgbench(dsn: str, schema: str, script: str, seconds: int, workdir: Path) -> tuple[float, list[float]]:
+def run_pgbench(dsn: str, schema: str, script: str, seconds: float, workdir: Path) -> tuple[float, list[float]]:
     """pgbench at ``CLIENTS`` clients on the server the handlers ran on; tps and per-transaction latencies (ms)."""
     from lab.postgres import _find_bindir
 
@@ -565,8 +564,8 @@ def run_pgbench(dsn: str, schema: str, script: str, seconds: int, workdir: Path)
     for old in workdir.glob("pgbench_log*"):
         old.unlink()
     argv = [
-        str(_find_bindir() / "pgbench"), "-n", "-M", "prepared", "-c", str(CLIENTS), "-j", "2", "-T", str(seconds),
-        "-f", "script.sql", "-l", "--log-prefix", "pgbench_log",
+        str(_find_bindir() / "pgbench"), "-n", "-M", "prepared", "-c", str(CLIENTS), "-j", "2",
+        "-T", str(max(1, round(seconds))), "-f", "script.sql", "-l", "--log-prefix", "pgbench_log",
         "-h", query["host"][0], "-p", query.get("port", ["5432"])[0], "-U", "postgres", "postgres",
     ]  # fmt: skip
     env = os.environ | {"PGOPTIONS": f"-c search_path={schema}"}
@@ -592,7 +591,7 @@ async def bench_price(bench: Bench, fixed: Side, buggy: Side | None, settings: S
     tput = bench.figure(f"{key}.throughput", "the fixes' price", f"{label}, {CLIENTS} clients", "requests/s", floor)
     p50 = bench.figure(f"{key}.p50", "the fixes' price", f"{label}, p50 latency", "ms", floor)
     p99 = bench.figure(f"{key}.p99", "the fixes' price", f"{label}, p99 latency", "ms", floor)
-    rate, latencies = await handler_clients(fixed, settings.price_seconds)
+    rate, latencies = await handler_clients(fixed, settings.seconds)
     tput.samples.append(rate)
     p50.samples.append(_percentile(latencies, 0.50))
     p99.samples.append(_percentile(latencies, 0.99))
@@ -600,7 +599,7 @@ async def bench_price(bench: Bench, fixed: Side, buggy: Side | None, settings: S
     await fixed.workspace.reset()
     tps, pg_latencies = await asyncio.to_thread(
         run_pgbench, fixed.workspace.dsn, fixed.workspace.schema, pgbench_script(statements),
-        settings.price_seconds, workdir,
+        settings.seconds, workdir,
     )  # fmt: skip
     tput.floor_samples.append(tps)
     p50.floor_samples.append(_percentile(pg_latencies, 0.50))
@@ -611,7 +610,7 @@ async def bench_price(bench: Bench, fixed: Side, buggy: Side | None, settings: S
             f"{key}.vs_buggy", "the fixes' price", f"{label} against the buggy one", "requests/s",
             f"buggy handler, {CLIENTS} clients",
         )  # fmt: skip
-        buggy_rate, _ = await handler_clients(buggy, settings.price_seconds)
+        buggy_rate, _ = await handler_clients(buggy, settings.seconds)
         against.samples.append(rate)
         against.floor_samples.append(buggy_rate)
         against.note = f"buggy: {len(await buggy.one_request())} statements a request"
@@ -626,14 +625,14 @@ async def bench_driver(bench: Bench, side: Side, settings: Settings, workdir: Pa
     conns = [await side.workspace.connect() for _ in range(CLIENTS)]
     try:
         one = "SELECT $1::int"
-        rate, _ = await looping_clients(conns, settings.driver_seconds, lambda conn, n: conn.fetchval(one, n))
+        rate, _ = await looping_clients(conns, settings.seconds, lambda conn, n: conn.fetchval(one, n))
     finally:
         for conn in conns:
             await conn.close()
     fig.samples.append(rate)
     script = "\\set n random(1, 1000000)\nSELECT :n::int;\n"
     tps, _ = await asyncio.to_thread(
-        run_pgbench, side.workspace.dsn, side.workspace.schema, script, settings.driver_seconds, workdir
+        run_pgbench, side.workspace.dsn, side.workspace.schema, script, settings.seconds, workdir
     )
     fig.floor_samples.append(tps)
 
