@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lab.charge import ChargeLab, CrashAttack, Request, duplicates
+from lab.errors import LabError
 from lab.registry import ScenarioInfo
 from lab.timeline import render
 from lab.workspace import Workspace
@@ -67,6 +68,9 @@ def progress_bar(console: Console, label: str, total: int | None) -> Iterator[Ca
 async def charge_journey(console: Console, workspace: Workspace, info: ScenarioInfo, options: RunOptions) -> int:
     buggy = info.module("buggy")
     schedule = buggy.CANONICAL
+    attack: CrashAttack | None = getattr(buggy, "CRASH", None)
+    if attack is None and options.crash and not (options.canonical or options.explore or options.stress):
+        raise LabError(f"scenario {info.number} has no crash-point attack (scenario 3 has one: lab run 3 --crash)")
     verdicts: list[SideVerdict] = []
     for side in options.sides:
         module = info.module(side)
@@ -94,7 +98,6 @@ async def charge_journey(console: Console, workspace: Workspace, info: ScenarioI
                     )
                     verdict.broken += found.failing
                     verdict.reproduced |= found.failing > 0
-            attack: CrashAttack | None = getattr(buggy, "CRASH", None)
             if options.crash and attack is not None:
                 with progress_bar(console, f"{side}: crash points", None) as tick:
                     crashed = await lab.crash_points(

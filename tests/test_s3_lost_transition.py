@@ -8,6 +8,9 @@ clock (``lab.clock``), moved only by the tests, so no test sleeps and every repl
 import hashlib
 import itertools
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +25,7 @@ import lab
 import scenarios.s3_lost_transition as buggy
 from lab import clock
 from lab.charge import BODY, ChargeLab, Request, duplicates
+from lab.postgres import Postgres
 from lab.provider import Outcome
 from lab.scheduler import Choice, Chooser, Crash
 from lab.schedules import ScriptedChooser
@@ -460,3 +464,26 @@ async def test_the_property_catches_the_buggy_handler(charge_lab: ChargeLab, act
     await charge_lab.install(buggy)
     broken = await play(charge_lab, buggy.handle_charge, actions)
     assert any("charged 2 times" in problem for problem in broken), broken
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+
+def lab_command(postgres: Postgres, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LAB_DATABASE_URL": postgres.dsn}
+    return subprocess.run([sys.executable, "-m", "lab.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+
+
+def test_lab_run_3_crash_exits_0_with_the_crash_points_row(postgres: Postgres) -> None:
+    """`lab run 3 --crash` plays only the crash points, buggy then fixed, and exits 0: reproduced, then held."""
+    done = lab_command(postgres, "run", "3", "--crash")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "anomaly in 2 of 6" in done.stdout and "anomaly in 0 of 3" in done.stdout
+
+
+def test_crash_points_of_a_scenario_without_them_is_one_line_and_exit_2(postgres: Postgres) -> None:
+    """Asking scenario 1 for crash points alone is one clear line and exit code 2, not an empty verdict."""
+    done = lab_command(postgres, "run", "1", "--crash")
+    assert done.returncode == 2
+    assert "scenario 1 has no crash-point attack" in done.stderr
