@@ -95,7 +95,7 @@ def _state(dsn: str) -> tuple[list[int], list[str]]:
 def test_run_against_a_users_server_touches_only_its_own_schema(postgres: Postgres, canary: str) -> None:
     """With LAB_DATABASE_URL, a whole run leaves the user's table intact and drops every schema it made."""
     before = _state(postgres.dsn)
-    done = lab("run", "1", "--buggy", "--stress", "--trials", "3", env={"LAB_DATABASE_URL": postgres.dsn})
+    done = lab("run", "1", "--fixed", "--stress", "--trials", "3", env={"LAB_DATABASE_URL": postgres.dsn})
     assert done.returncode == 0, done.stderr
     assert "postgres: LAB_DATABASE_URL" in done.stdout
     rows, schemas = _state(postgres.dsn)
