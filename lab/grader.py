@@ -19,12 +19,14 @@ on a lone request, hangs, or behaves differently on replay) is a :class:`CannotG
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
-from lab.bounded import FewestFirst, explore
+from lab.bounded import FewestFirst, Found, explore
 from lab.charge import ChargeLab, Request, RunOutcome, duplicates, switches
 from lab.contracts import Response
 from lab.errors import LabError
@@ -54,6 +56,7 @@ class Budget:
     random_examples: int = 60  # hypothesis schedules per random attack (3 requests past the limit, and 4)
     max_steps: int = 400  # steps in one run: past this the handler is polling, and the run cannot end
     stress: tuple[tuple[int, int], ...] = ((2, 50), (10, 20))  # (requests released together, trials)
+    stream_events: int = 300  # scenario 4: events in the stream with duplicates, crashes and republishing
 
 
 @dataclass
@@ -134,7 +137,30 @@ class Judged:
 _RANK = {"charged": 0, "status": 0, "uncharged": 1, "raised": 2, "body": 3, "replay": 3}
 
 
-class _Guard:
+@contextmanager
+def cannot_grade_when_stuck() -> Iterator[None]:
+    """A hung handler or a replay that diverged: what the scheduler raises, said as one line."""
+    try:
+        yield
+    except HandlerHung as exc:
+        raise CannotGrade(
+            f"{exc}: the handler is waiting on something the lab cannot see (an asyncio.Lock, a sleep, an"
+            " event?) or on a lock nobody will release; requests run on different servers, so only the"
+            " database can make one wait for another"
+        ) from exc
+    except ScheduleError as exc:
+        raise CannotGrade(f"{exc}; the grader replays every run from the same database state") from exc
+
+
+@contextmanager
+def schema_errors(submission: Submission) -> Iterator[None]:
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        raise CannotGrade(f"{submission.path}: its SCHEMA does not install: {exc}") from exc
+
+
+class Guard:
     """Counts a run's steps: a handler that polls for another session never ends under a schedule."""
 
     def __init__(self, inner: Chooser, limit: int) -> None:
@@ -171,25 +197,15 @@ class ChargeGrader:
         self.verdict = Verdict()
 
     async def grade(self) -> Verdict:
-        try:
+        with cannot_grade_when_stuck():
             async with ChargeLab(self.workspace, self.invariant, step_timeout=self.step_timeout) as lab:
                 self.lab = lab
-                try:
+                with schema_errors(self.submission):
                     await self.workspace.install(self.submission.schema(self.schema))
-                except asyncpg.PostgresError as exc:
-                    raise CannotGrade(f"{self.submission.path}: its SCHEMA does not install: {exc}") from exc
                 for attack in (self._alone, self._pairs, self._other_body, self._triples, self._quadruples):
                     if not await attack():
                         return self.verdict
                 await self._stress()
-        except HandlerHung as exc:
-            raise CannotGrade(
-                f"{exc}: the handler is waiting on something the lab cannot see (an asyncio.Lock, a sleep, an"
-                " event?) or on a lock nobody will release; requests run on different servers, so only the"
-                " database can make one wait for another"
-            ) from exc
-        except ScheduleError as exc:
-            raise CannotGrade(f"{exc}; the grader replays every run from the same database state") from exc
         return self.verdict
 
     # -- the attacks, in order; each returns False when it failed (and set the verdict) -----------------
@@ -232,12 +248,8 @@ class ChargeGrader:
         """
         found = await explore(lambda chooser: self._run(requests, chooser, chooser), lambda j: j.rank, limit=limit)
         failing = [judged for _, judged in found.failing]
-        if found.complete:
-            return self._record(f"every interleaving of {what}", failing, runs=found.runs)
-        if found.stopped_at is not None:
-            most = {0: "no preemption", 1: "at most 1 preemption"}.get(found.stopped_at)
-            most = most or f"at most {found.stopped_at} preemptions"
-            return self._record(f"every interleaving of {what} with {most}", failing, runs=found.runs)
+        if name := explored(what, found):
+            return self._record(name, failing, runs=found.runs)
         if not self._record(f"{what}: the first {found.runs} interleavings", failing, runs=found.runs):
             return False
         return await self._random(what, requests)
@@ -282,7 +294,7 @@ class ChargeGrader:
 
     async def _run(self, requests: list[Request], chooser: Chooser, counted: FewestFirst | None = None) -> Judged:
         assert self.lab is not None
-        outcome = await self.lab.run(self.handler, requests, _Guard(chooser, self.budget.max_steps))
+        outcome = await self.lab.run(self.handler, requests, Guard(chooser, self.budget.max_steps))
         calls = await self.workspace.admin.fetch(
             f"SELECT session, outcome FROM {self.workspace.ledger}.provider_calls ORDER BY call_no"
         )
@@ -363,6 +375,16 @@ def judge_answers(
                 " it must be refused with 422",
             ))
     return problems
+
+
+def explored(what: str, found: Found[Any]) -> str | None:
+    """The attack's name for what an exploration covered; None if it ran out of budget first."""
+    if found.complete:
+        return f"every interleaving of {what}"
+    if found.stopped_at is None:
+        return None
+    most = {0: "no preemption", 1: "at most 1 preemption"}.get(found.stopped_at)
+    return f"every interleaving of {what} with {most or f'at most {found.stopped_at} preemptions'}"
 
 
 def preemptions_in(trace: Trace) -> int:

@@ -121,6 +121,10 @@ async def grade(
     """The battery for a scenario whose handler talks to Postgres, chosen by the contract it implements."""
     if info.contract == "handle_charge":
         return await ChargeGrader(workspace, info, submission, step_timeout=step_timeout, budget=budget).grade()
+    if info.contract == "handle_event":
+        from lab.grade_inbox import InboxGrader
+
+        return await InboxGrader(workspace, info, submission, step_timeout=step_timeout, budget=budget).grade()
     raise LabError(f"scenario {info.number} ({info.slug}) has no grader yet")
 
 
