@@ -154,9 +154,9 @@ def report(console: Console, verdict: Verdict) -> None:
         n = failure.preemptions
         title = "the simplest failing run"
         if n == 0:
-            title += ": no preemption (each request ran until it finished or waited on a lock)"
+            title += ": no preemption (each session ran until it finished, crashed or waited on a lock)"
         elif n is not None:
-            title += f": {n} preemption{'' if n == 1 else 's'} (a request paused while it could have gone on)"
+            title += f": {n} preemption{'' if n == 1 else 's'} (a session paused while it could have gone on)"
         console.print(timeline(failure.outcome.trace, failure.outcome.results, title=title))
     for problem in failure.problems:
         console.print(Text(f"✗ {problem}", style="bold red"))
