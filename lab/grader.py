@@ -19,7 +19,7 @@ on a lone request, hangs, or behaves differently on replay) is a :class:`CannotG
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +39,7 @@ from lab.submission import Submission
 from lab.trace import Trace
 from lab.workspace import Workspace
 
+Runner = Callable[[Any], Coroutine[Any, Any, "Judged"]]  # one run under the chooser it is given
 OTHER_BODY = json.dumps({"amount": 5000, "currency": "usd"}).encode()
 
 
@@ -52,6 +53,7 @@ class Budget:
 
     pairs_limit: int = 2000  # interleavings of 2 requests: enough for every one of any handler seen so far
     other_body_limit: int = 100  # interleavings of a key reused with another body: its rule shows early
+    stall_limit: int = 200  # scenario 3: interleavings with a late retry (per provider behaviour)
     triples_limit: int = 300  # interleavings of 3 requests (the lab's fix has 270) before hypothesis takes over
     random_examples: int = 60  # hypothesis schedules per random attack (3 requests past the limit, and 4)
     max_steps: int = 400  # steps in one run: past this the handler is polling, and the run cannot end
@@ -134,7 +136,7 @@ class Judged:
 
 
 # A run that broke the scenario's invariant is the lesson; one that only answered wrongly comes after it.
-_RANK = {"charged": 0, "status": 0, "uncharged": 1, "raised": 2, "body": 3, "replay": 3}
+_RANK = {"charged": 0, "recovery": 0, "status": 0, "uncharged": 1, "raised": 2, "body": 3, "replay": 3, "malformed": 3}
 
 
 @contextmanager
@@ -195,6 +197,11 @@ class ChargeGrader:
         self.handler = submission.per_request()
         self.lab: ChargeLab | None = None
         self.verdict = Verdict()
+        self.advice = dict(ADVICE)
+
+    def attacks(self) -> list[Callable[[], Awaitable[bool]]]:
+        """The battery in order; each returns False when it broke a rule (and set the verdict)."""
+        return [self._alone, self._pairs, self._other_body, self._triples, self._quadruples]
 
     async def grade(self) -> Verdict:
         with cannot_grade_when_stuck():
@@ -202,7 +209,7 @@ class ChargeGrader:
                 self.lab = lab
                 with schema_errors(self.submission):
                     await self.workspace.install(self.submission.schema(self.schema))
-                for attack in (self._alone, self._pairs, self._other_body, self._triples, self._quadruples):
+                for attack in self.attacks():
                     if not await attack():
                         return self.verdict
                 await self._stress()
@@ -241,26 +248,28 @@ class ChargeGrader:
         return await self._random("4 duplicate requests", duplicates(4))
 
     async def _explore(self, what: str, requests: list[Request], limit: int) -> bool:
+        return await self.explore_runs(what, lambda chooser: self._run(requests, chooser), len(requests), limit)
+
+    async def _random(self, what: str, requests: list[Request]) -> bool:
+        return await self.random_runs(what, lambda chooser: self._run(requests, chooser), len(requests))
+
+    async def explore_runs(self, what: str, run: Runner, sessions: int, limit: int) -> bool:
         """Every interleaving, fewest preemptions first, up to ``limit`` runs; past the limit, random schedules.
 
-        A double charge stops the search once every run with as few preemptions has been tried, since
-        none after it can be simpler; the attack is then named for the preemptions it covered.
+        A failure of the scenario's invariant stops the search once every run with as few preemptions
+        has been tried, since none after it can be simpler; the attack is named for what it covered.
         """
-        found = await explore(lambda chooser: self._run(requests, chooser, chooser), lambda j: j.rank, limit=limit)
+        found = await explore(run, lambda judged: judged.rank, limit=limit)
         failing = [judged for _, judged in found.failing]
         if name := explored(what, found):
             return self._record(name, failing, runs=found.runs)
         if not self._record(f"{what}: the first {found.runs} interleavings", failing, runs=found.runs):
             return False
-        return await self._random(what, requests)
+        return await self.random_runs(what, run, sessions)
 
-    async def _random(self, what: str, requests: list[Request]) -> bool:
-        found = await search(
-            lambda chooser: self._run(requests, chooser),
-            lambda judged: judged.failed,
-            max_sessions=len(requests),
-            max_examples=self.budget.random_examples,
-        )
+    async def random_runs(self, what: str, run: Runner, sessions: int) -> bool:
+        found = await search(run, lambda judged: judged.failed, max_sessions=sessions,
+                             max_examples=self.budget.random_examples)
         name = f"{what}: random schedules (hypothesis, shrunk)"
         if found.smallest is None:
             self.verdict.attacks.append(Attack(name, found.runs))
@@ -282,7 +291,7 @@ class ChargeGrader:
             if stressed.failing:
                 problems = [f"{stressed.failing} of {stressed.trials} trials: {stressed.examples[0]}"]
                 advice = [
-                    ADVICE["charged"],
+                    self.advice["charged"],
                     "Every scheduled interleaving held, so the race depends on timing the scheduler cannot"
                     " pause: a step outside the db proxy and the provider (a thread, a sleep, another connection)?",
                 ]
@@ -292,7 +301,7 @@ class ChargeGrader:
 
     # -- machinery ---------------------------------------------------------------------------------------
 
-    async def _run(self, requests: list[Request], chooser: Chooser, counted: FewestFirst | None = None) -> Judged:
+    async def _run(self, requests: list[Request], chooser: Chooser) -> Judged:
         assert self.lab is not None
         outcome = await self.lab.run(self.handler, requests, Guard(chooser, self.budget.max_steps))
         calls = await self.workspace.admin.fetch(
@@ -302,7 +311,7 @@ class ChargeGrader:
         answers = judge_answers(requests, outcome, [(c["session"], c["outcome"]) for c in calls])
         # After a double charge, answers that differ are its echo, not news: only an exception is kept.
         problems += [p for p in answers if p[0] == "raised"] if problems else answers
-        return Judged(outcome, problems, counted.preemptions() if counted else preemptions_in(outcome.trace))
+        return Judged(outcome, problems, preemptions_of(chooser, outcome))
 
     def _record(
         self, name: str, judged: list[Judged], *, runs: int | None = None, failing: int | None = None, add: bool = True
@@ -316,8 +325,9 @@ class ChargeGrader:
             return True
         smallest = min(bad, key=Judged.size)
         kinds = list(dict.fromkeys(kind for kind, _ in smallest.problems))
+        problems = [text for _, text in smallest.problems]
         self.verdict.failure = Failure(
-            name, failing, runs, smallest.outcome, [text for _, text in smallest.problems], [ADVICE[k] for k in kinds],
+            name, failing, runs, smallest.outcome, problems, [self.advice[k] for k in kinds],
             preemptions=preemptions_in(smallest.outcome.trace),
         )
         return False
@@ -385,6 +395,11 @@ def explored(what: str, found: Found[Any]) -> str | None:
         return None
     most = {0: "no preemption", 1: "at most 1 preemption"}.get(found.stopped_at)
     return f"every interleaving of {what} with {most or f'at most {found.stopped_at} preemptions'}"
+
+
+def preemptions_of(chooser: Chooser, outcome: RunOutcome) -> int:
+    """Counted by the chooser that made them where it can, else read from the trace."""
+    return chooser.preemptions() if isinstance(chooser, FewestFirst) else preemptions_in(outcome.trace)
 
 
 def preemptions_in(trace: Trace) -> int:

@@ -120,6 +120,13 @@ async def grade(
 ) -> Verdict:
     """The battery for a scenario whose handler talks to Postgres, chosen by the contract it implements."""
     if info.contract == "handle_charge":
+        if hasattr(info.module("buggy"), "CRASH"):  # a scenario with crash points: scenario 3
+            from lab.grade_lost import LostTransitionGrader
+
+            grader: ChargeGrader = LostTransitionGrader(
+                workspace, info, submission, step_timeout=step_timeout, budget=budget
+            )
+            return await grader.grade()
         return await ChargeGrader(workspace, info, submission, step_timeout=step_timeout, budget=budget).grade()
     if info.contract == "handle_event":
         from lab.grade_inbox import InboxGrader

@@ -46,6 +46,11 @@ CAUGHT = {
     "s2_retries_4xx": "a 400 was sent 6 times",
     "s2_new_key_per_attempt": "was charged 2 times for one client",
     "s2_ignores_retry_after": "Retry-After 2 s, but the retry came after",
+    "s3_409_without_lease": "key k1 ended in_progress, not completed",
+    "s3_takeover_without_provider_key": "key k1 charged 2 times (ch_1, ch_2)",
+    "s3_cas_but_charges_in_progress": "key k1 charged 2 times",
+    "s3_failed_is_final": "key k1 ended failed, not completed",
+    "s3_no_fencing": "was marked failed while its charge (ch_1) went through",
     "s4_two_transactions": "event e1 lost (sku-01 reserved 0, expected 5)",
     "s4_check_then_apply": "event e1 applied 2 times",
     "s4_guarded_update": "event e1 applied 2 times",
@@ -228,7 +233,7 @@ async def test_every_wrong_fix_is_rejected_with_its_failing_interleaving(path: P
 # right designs on a smaller budget than the CLI's (past each limit, random schedules take over); the
 # lab's fix for scenario 1 passes the CLI's full budget in docs/WORKSHOP.md, and every right design
 # here does too when checked by hand (`lab check N FILE`).
-SUITE_BUDGET = Budget(pairs_limit=150, other_body_limit=30, triples_limit=40, random_examples=15,
+SUITE_BUDGET = Budget(pairs_limit=150, other_body_limit=30, stall_limit=40, triples_limit=40, random_examples=15,
                       stress=((2, 10), (10, 5)), stream_events=100)
 
 
@@ -242,7 +247,7 @@ async def test_every_right_fix_is_accepted(path: Path, workspace: Workspace) -> 
 
 def test_every_wrong_fix_file_is_named_in_the_table() -> None:
     """Each wrong fix for a graded scenario says what it must be caught doing, so none is added without a claim."""
-    assert sorted(p.stem for p in WRONG.glob("s[124]_*.py")) == sorted(CAUGHT)
+    assert sorted(p.stem for p in WRONG.glob("s[1-4]_*.py")) == sorted(CAUGHT)
 
 
 async def test_hypothesis_takes_over_past_the_exhaustive_bound(workspace: Workspace) -> None:
@@ -289,6 +294,33 @@ async def test_a_schema_that_does_not_install_cannot_be_graded(tmp_path: Path, w
     path = write(tmp_path, "bad.py", 'SCHEMA = "CREATE TABEL x (a int);"\nasync def handle_charge(d, p, k, b): ...\n')
     with pytest.raises(CannotGrade, match=r"bad\.py: its SCHEMA does not install: syntax error"):
         await grade(workspace, scenario(1), load(path, "handle_charge"), budget=TINY)
+
+
+# -- scenario 3: the lost transition, with crash points and provider faults -------------------------------------
+
+
+async def check_lost(workspace: Workspace, path: Path, budget: Budget | None = None) -> tuple[int, str]:
+    """What `lab check 3 FILE` does after provisioning."""
+    console = recording()
+    code = finish(console, await grade(workspace, scenario(3), load(path, "handle_charge"), 2.0, budget))
+    return code, console.export_text()
+
+
+@pytest.mark.parametrize("path", files(WRONG, "s3"), ids=lambda p: p.stem)
+async def test_every_wrong_state_machine_is_rejected(path: Path, workspace: Workspace) -> None:
+    """A plausible wrong four-state handler exits 1 with the failing run (a race, a crash, a fault) on a timeline."""
+    code, output = await check_lost(workspace, path)
+    assert code == 1, output
+    assert "the simplest failing run" in output
+    assert CAUGHT[path.stem] in output
+
+
+@pytest.mark.parametrize("path", [ROOT / "fixes" / "s3_lost_transition.py", *files(RIGHT, "s3")],
+                         ids=lambda p: p.stem)
+async def test_every_right_state_machine_is_accepted(path: Path, workspace: Workspace) -> None:
+    """The lab's fix and a row-locked state machine pass races, crashes, provider faults, late retries."""
+    code, output = await check_lost(workspace, path, SUITE_BUDGET)
+    assert code == 0, output
 
 
 # -- scenario 4: the inbox consumer against the lab's relay ----------------------------------------------
