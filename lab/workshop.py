@@ -12,9 +12,11 @@ from __future__ import annotations
 import _thread
 import asyncio
 import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -104,6 +106,26 @@ def check(console: Console, info: ScenarioInfo, path: str | None, *, step_timeou
     file = Path(path) if path else default_file(info)
     submission = load(file, info.contract)
     console.print(f"checking {file}: {info.contract} against scenario {info.number} ({info.title.lower()})")
+    with _hypothesis_home():
+        verdict = _graded(console, info, submission, step_timeout, budget)
+    return finish(console, verdict)
+
+
+@contextmanager
+def _hypothesis_home() -> Iterator[None]:
+    """Hypothesis caches what it learns in ./.hypothesis; a check leaves nothing in the learner's folder."""
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    with tempfile.TemporaryDirectory(prefix="lab-hypothesis-") as home:
+        set_hypothesis_home_dir(home)
+        try:
+            yield
+        finally:
+            set_hypothesis_home_dir(None)
+
+
+def _graded(console: Console, info: ScenarioInfo, submission: Submission, step_timeout: float,
+            budget: Budget | None) -> Verdict:
     if info.contract == "call_with_retry":
         verdict = _unstuck(lambda _alarm: grade_retry(submission), 15 * step_timeout, info.contract)
     else:
@@ -111,7 +133,7 @@ def check(console: Console, info: ScenarioInfo, path: str | None, *, step_timeou
             return _on_postgres(console, alarm, lambda ws: grade(ws, info, submission, step_timeout, budget))
 
         verdict = _unstuck(on_postgres, max(1.0, 3 * step_timeout), info.contract, armed=False)
-    return finish(console, verdict)
+    return verdict
 
 
 async def grade(

@@ -107,6 +107,8 @@ def test_every_command_in_the_workshop_guide_prints_what_the_guide_says(tmp_path
     if update:
         DOC.write_text(text)
     assert not problems, "\n\n".join(problems)
+    # What the guide says the commands leave behind: the exercise copies, and nothing else.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixes", "tests", "workshop"]
 
 
 def test_the_parser_reads_commands_outputs_and_exit_codes() -> None:
