@@ -26,7 +26,8 @@ from rich.padding import Padding
 from rich.text import Text
 
 from lab.errors import LabError
-from lab.grader import Budget, CannotGrade, ChargeGrader, Verdict, grade_retry
+from lab.grade_retry import grade_retry
+from lab.grader import Budget, CannotGrade, ChargeGrader, Verdict
 from lab.registry import ScenarioInfo
 from lab.submission import CONTRACTS, Submission, load
 from lab.timeline import timeline

@@ -16,7 +16,8 @@ import pytest
 from rich.console import Console
 
 from lab.errors import LabError
-from lab.grader import Budget, CannotGrade, grade_retry
+from lab.grade_retry import grade_retry
+from lab.grader import Budget, CannotGrade
 from lab.herd import check_retry
 from lab.postgres import Postgres
 from lab.registry import scenario
