@@ -118,9 +118,9 @@ def test_exercise_never_overwrites_work_without_force(tmp_path: Path) -> None:
 
 def test_make_check_runs_lab_check_on_the_default_or_the_given_file() -> None:
     """`make check-1` runs `lab check 1` (whose default file is the exercise's), and FILE=... is passed on."""
-    default = subprocess.run(["make", "-n", "check-1"], capture_output=True, text=True, cwd=ROOT, check=True)
-    given = subprocess.run(["make", "-n", "check-1", "FILE=mine.py"], capture_output=True, text=True, cwd=ROOT,
-                           check=True)
+    make = ["make", "-n", "--no-print-directory"]  # under `make test` a nested make would name its directory
+    default = subprocess.run([*make, "check-1"], capture_output=True, text=True, cwd=ROOT, check=True)
+    given = subprocess.run([*make, "check-1", "FILE=mine.py"], capture_output=True, text=True, cwd=ROOT, check=True)
     assert default.stdout.strip().splitlines()[-1].strip() == ".venv/bin/lab check 1"
     assert given.stdout.strip().splitlines()[-1] == ".venv/bin/lab check 1 mine.py"
 
