@@ -15,10 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-scenario-%: $(STAMP) ## scenario-N: watch scenario N's race, then its fix under the same attack (N = 1..4)
+scenario-%: $(STAMP) ## watch scenario N's race, then its fix under the same attack (N = 1..4)
 	$(BIN)/lab run $*
 
-check-%: $(STAMP) ## check-N: grade your fix of scenario N; FILE=... (default workshop/<scenario>.py)
+check-%: $(STAMP) ## grade your fix of scenario N; FILE=... (default workshop/<scenario>.py)
 	$(BIN)/lab check $* $(FILE)
 
 test: $(STAMP) lint ## lint, then the whole suite against a real PostgreSQL
