@@ -71,7 +71,14 @@ class Workspace:
     async def connect(self, **kwargs: Any) -> asyncpg.Connection:
         """A new backend for a session or a stress client, confined to the scenario schema."""
         settings = {"search_path": self.schema, "application_name": "idempotency-lab"}
-        return await asyncpg.connect(self.dsn, server_settings=settings, **kwargs)
+        try:
+            return await asyncpg.connect(self.dsn, server_settings=settings, **kwargs)
+        except asyncpg.TooManyConnectionsError:
+            limit = await self.admin.fetchval("SHOW max_connections")
+            raise LabError(
+                f"the server refused another connection (max_connections = {limit}): stress opens one per"
+                " session, so lower --concurrency or raise max_connections"
+            ) from None
 
     async def install(self, schema_sql: str, seed_sql: str = "") -> None:
         """(Re)create the scenario's tables from its SCHEMA; ``reset`` will re-run the seed."""

@@ -76,6 +76,22 @@ def canary(postgres: Postgres) -> Iterator[str]:
     asyncio.run(run("DROP TABLE IF EXISTS public.users_own_table"))
 
 
+def _state_schemas(dsn: str) -> tuple[list[int], list[str]]:
+    """The lab's schemas on the server (the user's table is not needed for this one)."""
+
+    async def read() -> tuple[list[int], list[str]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            query = "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'lab\\_%' ORDER BY 1"
+            return [], [r["nspname"] for r in await conn.fetch(query)]
+        finally:
+            await conn.close()
+
+    import asyncio
+
+    return asyncio.run(read())
+
+
 def _state(dsn: str) -> tuple[list[int], list[str]]:
     async def read() -> tuple[list[int], list[str]]:
         conn = await asyncpg.connect(dsn)
@@ -167,3 +183,13 @@ def test_run_2_shows_the_herd_and_brookers_table(postgres: Postgres) -> None:
     assert done.returncode == 0, done.stderr
     assert "buggy: hazards reproduced" in done.stdout and "fixed: holds" in done.stdout
     assert "full jitter" in done.stdout and "decorrelated" in done.stdout
+
+
+def test_too_many_sessions_for_the_server_is_one_line_and_exit_2(postgres: Postgres) -> None:
+    """Stress beyond the server's max_connections says so in one line and exits 2, leaving no schema behind."""
+    _, before = _state_schemas(postgres.dsn)
+    done = lab("run", "1", "--fixed", "--stress", "--trials", "1", "--concurrency", "500",
+               env={"LAB_DATABASE_URL": postgres.dsn})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "max_connections" in done.stderr and "Traceback" not in done.stderr
+    assert _state_schemas(postgres.dsn)[1] == before
