@@ -307,7 +307,7 @@ class Side:
         self.monitor = await self.workspace.connect()
         await self.workspace.install(self.module.SCHEMA, getattr(self.module, "SEED", ""))
         if self.info.contract == "handle_charge":
-            self.lab = ChargeLab(self.workspace, self.module.INVARIANT)
+            self.lab = ChargeLab(self.workspace, self.module.INVARIANT, network_latency=0.0)  # the lab's own cost
             await self.lab.__aenter__()
 
     async def shed(self) -> None:

@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sessions", type=_counts, default=(), help="explore interleavings of N sessions (e.g. 2,3)")
     run.add_argument("--trials", type=_positive, default=100, help="stress trials (default 100)")
     run.add_argument("--concurrency", type=_counts, default=(2,), help="stress sessions per trial, e.g. 2,10,100")
+    run.add_argument("--latency-ms", type=float, default=1.0,
+                     help="stress: simulated network hop before each statement (default 1; 0 = a bare Unix socket)")
     run.add_argument("--step-timeout", type=float, default=5.0, help="seconds a handler may stall (default 5)")
     run.add_argument("--clients", type=_positive, default=100, help="scenario 2: clients in the herd (default 100)")
     run.add_argument("--seed", type=int, default=1, help="scenario 2: seed of the virtual-time run (default 1)")
@@ -127,6 +129,7 @@ def _run_options(args: argparse.Namespace) -> RunOptions:
         trials=args.trials,
         concurrency=args.concurrency,
         step_timeout=args.step_timeout,
+        latency_ms=args.latency_ms,
         clients=args.clients,
         seed=args.seed,
         plot=args.plot,

@@ -40,6 +40,7 @@ class RunOptions:
     clients: int = 100  # scenario 2: clients in the herd
     seed: int = 1
     plot: str | None = None  # scenario 2: also write the herd plot as a PNG here
+    latency_ms: float = 1.0  # stress: simulated network hop before each statement
 
 
 @dataclass
@@ -75,7 +76,10 @@ async def charge_journey(console: Console, workspace: Workspace, info: ScenarioI
     for side in options.sides:
         module = info.module(side)
         verdict = SideVerdict(side)
-        async with ChargeLab(workspace, module.INVARIANT, step_timeout=options.step_timeout) as lab:
+        charge_lab = ChargeLab(
+            workspace, module.INVARIANT, step_timeout=options.step_timeout, network_latency=options.latency_ms / 1000
+        )
+        async with charge_lab as lab:
             await lab.install(module)
             if options.canonical:
                 chooser = schedule.chooser(strict=side == "buggy")
@@ -121,6 +125,11 @@ async def charge_journey(console: Console, workspace: Workspace, info: ScenarioI
                     verdict.reproduced |= stressed.failing > 0
         verdicts.append(verdict)
     console.print(verdict_table(info, verdicts))
+    if options.stress:
+        console.print(
+            f"stress: sessions released together by a barrier, {options.latency_ms:g} ms of simulated network"
+            " before each statement (--latency-ms)", style="dim", highlight=False,
+        )
     return EXIT_AS_EXPECTED if all(v.as_expected() for v in verdicts) else EXIT_INVARIANT_BROKEN
 
 

@@ -8,6 +8,7 @@ waits for its turn and lands on the timeline with its parameters and its result.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -54,9 +55,10 @@ def _render_rows(rows: list[asyncpg.Record]) -> str:
 class StepConnection:
     """One backend of a session: asyncpg ``Connection``'s query methods, each call one step."""
 
-    def __init__(self, conn: asyncpg.Connection, scheduler: Scheduler | None) -> None:
+    def __init__(self, conn: asyncpg.Connection, scheduler: Scheduler | None, latency: float = 0.0) -> None:
         self._conn = conn
         self._scheduler = scheduler
+        self._latency = latency
         self.in_use = False
 
     @property
@@ -65,6 +67,8 @@ class StepConnection:
 
     async def _step(self, sql: str, args: Sequence[Any], run: Callable[[], Awaitable[Any]], render: Any) -> Any:
         if self._scheduler is None:
+            if self._latency:
+                await asyncio.sleep(self._latency)  # the network between app and database (stress mode only)
             return await run()
         pid = self._conn.get_server_pid()
         self._scheduler.register_pid(pid)
@@ -104,16 +108,19 @@ class StepConnection:
 class SessionDb:
     """The pool a session sees. Its backends persist across replays, so replays cost no connects."""
 
-    def __init__(self, connections: list[StepConnection], connect: Connector, scheduler: Scheduler | None) -> None:
+    def __init__(
+        self, connections: list[StepConnection], connect: Connector, scheduler: Scheduler | None, latency: float = 0.0
+    ) -> None:
         self._connections = connections
         self._connect = connect
         self._scheduler = scheduler
+        self._latency = latency
 
     async def _free(self) -> StepConnection:
         for conn in self._connections:
             if not conn.in_use:
                 return conn
-        conn = StepConnection(await self._connect(), self._scheduler)
+        conn = StepConnection(await self._connect(), self._scheduler, self._latency)
         self._connections.append(conn)
         return conn
 
@@ -146,7 +153,8 @@ class ConnectionBank:
         self._connect = connect
         self._by_session: dict[str, list[asyncpg.Connection]] = {}
 
-    async def db_for(self, session: str, scheduler: Scheduler | None) -> SessionDb:
+    async def db_for(self, session: str, scheduler: Scheduler | None, latency: float = 0.0) -> SessionDb:
+        """The session's db; ``latency`` (seconds, unscheduled runs only) is waited before each statement."""
         kept = self._by_session.setdefault(session, [])
         alive = []
         for conn in kept:
@@ -164,8 +172,8 @@ class ConnectionBank:
         if not alive:
             alive.append(await self._connect())
         kept[:] = alive
-        wrapped = [StepConnection(c, scheduler) for c in alive]
-        return SessionDb(wrapped, self._new(session), scheduler)
+        wrapped = [StepConnection(c, scheduler, latency) for c in alive]
+        return SessionDb(wrapped, self._new(session), scheduler, latency)
 
     def _new(self, session: str) -> Connector:
         async def connect() -> asyncpg.Connection:
