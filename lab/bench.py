@@ -55,7 +55,6 @@ from lab.postgres import PREFIX, SETTINGS, provision
 from lab.provider import Provider, release_as_is
 from lab.proxy import ConnectionBank
 from lab.registry import SCENARIOS, ScenarioInfo
-from lab.scheduler import Scheduler, enter_session
 from lab.schedules import DepthFirst
 from lab.workspace import Workspace
 
@@ -307,7 +306,10 @@ class Side:
         self.monitor = await self.workspace.connect()
         await self.workspace.install(self.module.SCHEMA, getattr(self.module, "SEED", ""))
         if self.info.contract == "handle_charge":
-            self.lab = ChargeLab(self.workspace, self.module.INVARIANT, network_latency=0.0)  # the lab's own cost
+            self.lab = ChargeLab(  # latency 0: the lab's own cost; connectors that log what it sends
+                self.workspace, self.module.INVARIANT, network_latency=0.0,
+                connect=self._connect, pool_init=self._init_pool_conn,
+            )  # fmt: skip
             await self.lab.__aenter__()
 
     async def shed(self) -> None:
@@ -363,32 +365,14 @@ class Side:
         return await self.recorded(self.request(0)(db))
 
     async def scheduled_run(self, requests: Sequence[Request], chooser: DepthFirst) -> list[Statement]:
-        """What ``ChargeLab.run`` does, on the rig: reset, sessions, scheduler; the statements it sent."""
-        assert self.pool is not None and self.monitor is not None
-        await self.workspace.reset()
-        scheduler = Scheduler(self.monitor)
-        provider = Provider(self.pool, self.workspace.ledger, scheduler)
-        handlers = {}
-        for r in requests:
-            db = await self.bank.db_for(r.session, scheduler)
-            handlers[r.session] = _send(self.module.handle_charge, db, provider, r)
-        return await self.recorded(scheduler.run(handlers, chooser))
+        """The statements one ``ChargeLab.run`` sent (sessions and provider; not reset or the invariant)."""
+        assert self.lab is not None
+        return await self.recorded(self.lab.run(self.module.handle_charge, list(requests), chooser))
 
     async def stress_trial(self, requests: Sequence[Request]) -> list[Statement]:
-        """One trial as ``ChargeLab.stress`` runs it, on the rig; the statements it sent."""
-        assert self.pool is not None
-        await self.workspace.reset()
-        provider = Provider(self.pool, self.workspace.ledger)
-        barrier = asyncio.Barrier(len(requests))
-        dbs = [await self.bank.db_for(r.session, None) for r in requests]
-
-        async def client(db: Any, r: Request) -> None:
-            enter_session(r.session)
-            await barrier.wait()
-            await _send(self.module.handle_charge, db, provider, r)()
-
-        clients = (client(db, r) for db, r in zip(dbs, requests, strict=True))
-        return await self.recorded(asyncio.gather(*clients, return_exceptions=True))
+        """The statements one ``ChargeLab.stress`` trial sent."""
+        assert self.lab is not None
+        return await self.recorded(self.lab.stress(self.module.handle_charge, len(requests), 1))
 
     async def replay(self, statements: Sequence[Statement], requests: Sequence[Request]) -> float:
         """The floor: reset, the same statements on the same backends one at a time, the invariant."""
@@ -403,13 +387,6 @@ class Side:
                 await conn.execute(sql, *args)
         await self.module.INVARIANT(self.workspace, requests)
         return time.perf_counter() - started
-
-
-def _send(handler: Any, db: Any, provider: Provider, r: Request) -> Callable[[], Awaitable[Any]]:
-    async def send() -> Any:
-        return await handler(db, provider, r.key, r.body)
-
-    return send
 
 
 @contextlib.asynccontextmanager

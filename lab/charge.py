@@ -23,7 +23,7 @@ from lab import clock
 from lab.contracts import Response
 from lab.invariants import Invariant
 from lab.provider import Provider, release_as_is
-from lab.proxy import ConnectionBank, SessionDb
+from lab.proxy import ConnectionBank, Connector, SessionDb
 from lab.scheduler import Choice, Chooser, Crash, Scheduler, SessionResult, enter_session, render_error
 from lab.schedules import DepthFirst, ScriptedChooser
 from lab.trace import Row, Trace
@@ -123,12 +123,17 @@ class ChargeLab:
         *,
         step_timeout: float = 5.0,
         network_latency: float = NETWORK_LATENCY_S,
+        connect: Connector | None = None,
+        pool_init: Any = None,  # asyncpg.create_pool(init=...): an async callable taking the new connection
     ) -> None:
+        """``connect`` and ``pool_init`` let a caller watch every backend the sessions and the provider use
+        (the benchmark records their statements); by default sessions connect through the workspace."""
         self.workspace = workspace
         self.invariant = invariant
         self.step_timeout = step_timeout
         self.network_latency = network_latency
-        self._bank = ConnectionBank(workspace.connect)
+        self._pool_init = pool_init
+        self._bank = ConnectionBank(connect or workspace.connect)
         self._monitor: asyncpg.Connection | None = None
         self._pool: asyncpg.Pool | None = None
 
@@ -136,7 +141,7 @@ class ChargeLab:
         self._monitor = await self.workspace.connect()
         self._pool = await asyncpg.create_pool(
             self.workspace.dsn, min_size=1, max_size=10, server_settings={"application_name": "lab-provider"},
-            reset=release_as_is,
+            reset=release_as_is, init=self._pool_init,
         )
         return self
 
