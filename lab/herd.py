@@ -38,12 +38,14 @@ if TYPE_CHECKING:
 
 RetryWrapper = Callable[..., Awaitable[Any]]  # call_with_retry(fn, max_attempts=6)
 
-_ROOT = Path(__file__).resolve().parent.parent
-# The lab's one table of scenario-2 files (the brief's registry will own it once it exists).
-SIDE_FILES = {
-    "buggy": _ROOT / "scenarios" / "s2_retry_herd.py",
-    "fixed": _ROOT / "fixes" / "s2_retry_herd.py",
-}
+SIDES = ("buggy", "fixed")
+
+
+def side_wrapper(side: str) -> RetryWrapper:
+    """The lab's own call_with_retry of one side, found through the registry like every scenario's code."""
+    from lab.registry import scenario
+
+    return cast(RetryWrapper, scenario("s2_retry_herd").module(side).call_with_retry)
 
 MAX_CALLS_PER_CLIENT = 100  # a wrapper that never gives up is stopped here, and reported
 MAX_VIRTUAL_S = 3600.0  # ... and so is one that sleeps forever
@@ -302,15 +304,11 @@ def load_wrapper(path: str | Path) -> RetryWrapper:
     return cast(RetryWrapper, wrapper)
 
 
-_spec: ModuleType | None = None
-
-
 def load_spec() -> ModuleType:
     """The scenario file: the attack parameters and the invariant live there, beside the handler."""
-    global _spec
-    if _spec is None:
-        _spec = load_module(SIDE_FILES["buggy"])
-    return _spec
+    from lab.registry import scenario
+
+    return scenario("s2_retry_herd").module("buggy")
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -333,18 +331,19 @@ def run_scenario_2(
     """
     if retry_module_path is not None and "fixed" not in sides:
         sides = (*sides, "fixed")
-    unknown = [s for s in sides if s not in SIDE_FILES]
+    unknown = [s for s in sides if s not in SIDES]
     if unknown or not sides:
-        raise LabError(f"unknown side {unknown}: choose from {', '.join(SIDE_FILES)}")
+        raise LabError(f"unknown side {unknown}: choose from {', '.join(SIDES)}")
     if plot_path is not None:
         _require_matplotlib()
     labels: dict[str, str] = {}
     figures: dict[str, Figures] = {}
     for side in sides:
-        path = retry_module_path if side == "fixed" and retry_module_path else SIDE_FILES[side]
-        label = side if path == SIDE_FILES[side] else Path(path).name
+        learners = side == "fixed" and retry_module_path is not None
+        label = Path(retry_module_path).name if learners and retry_module_path else side
+        wrapper = load_wrapper(retry_module_path) if learners and retry_module_path else side_wrapper(side)
         labels[side] = label
-        figures[label] = measure(load_wrapper(path), clients=clients, seed=seed)
+        figures[label] = measure(wrapper, clients=clients, seed=seed)
 
     console.print(
         f"scenario 2 · retry herd · {clients} clients · provider answers 503 for its first"
@@ -479,7 +478,7 @@ def bench_virtual_time(clients: int = 1000) -> float:
     spec = load_spec()
     slowest = 0.0
     for side in ("buggy", "fixed"):
-        wrapper = load_wrapper(SIDE_FILES[side])
+        wrapper = side_wrapper(side)
         provider = SimProvider(lambda now, _: ProviderError(503) if now < spec.OUTAGE_S else None)
         start = time.perf_counter()
         _attack(wrapper, provider, clients, seed=1)

@@ -15,17 +15,19 @@ import asyncpg
 import pytest
 from rich.console import Console
 
+import fixes.s2_retry_herd as fixed_module
+import scenarios.s2_retry_herd as buggy_module
 from lab import herd
 from lab.contracts import ProviderError
 from lab.errors import LabError
-from lab.herd import SIDE_FILES, Figures, SimProvider, check_retry, load_wrapper, measure, run_scenario_2
+from lab.herd import Figures, SimProvider, check_retry, load_wrapper, measure, run_scenario_2
 from lab.occ import run_occ_table
 from lab.postgres import Postgres
 from lab.virtual_time import run_virtual
 
 N = 100
-BUGGY = load_wrapper(SIDE_FILES["buggy"])
-FIXED = load_wrapper(SIDE_FILES["fixed"])
+BUGGY = buggy_module.call_with_retry
+FIXED = fixed_module.call_with_retry
 
 
 def _one_client(wrapper: herd.RetryWrapper, provider: SimProvider) -> None:
@@ -201,7 +203,7 @@ def test_run_scenario_2_exits_0_and_reads_plainly_when_piped() -> None:
 def test_run_scenario_2_exits_1_when_the_fixed_side_is_still_broken() -> None:
     """A learner's file that is the unfixed loop is graded like the fix, so the lab exits 1."""
     out = io.StringIO()
-    code = run_scenario_2(Console(file=out, width=100), retry_module_path=str(SIDE_FILES["buggy"]))
+    code = run_scenario_2(Console(file=out, width=100), retry_module_path=buggy_module.__file__)
     assert code == 1
     assert "s2_retry_herd.py: BROKEN" in out.getvalue()
 
