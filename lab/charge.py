@@ -317,6 +317,20 @@ class _CrashAfter:
         return runnable[0]
 
 
+def arriving(handler: ChargeHandler) -> ChargeHandler:
+    """The request's first step is its arrival (a no-op statement), so a handler reads the lab clock when
+    the schedule lets it arrive, not when the run starts: a retry can come in after a lease ran out.
+
+    Handler code before its first step runs at run start; this is how a schedule says "later".
+    """
+
+    async def late(db: Any, provider: Any, key: str, body: bytes) -> Response:
+        await db.execute("SELECT 'the request arrives'")
+        return await handler(db, provider, key, body)
+
+    return late
+
+
 def _bind(handler: ChargeHandler, db: SessionDb, provider: Provider, request: Request) -> Callable[[], Awaitable[Any]]:
     async def send() -> Any:
         return await handler(db, provider, request.key, request.body)

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from lab import clock
-from lab.charge import BODY, Request, RunOutcome, duplicates
+from lab.charge import BODY, Request, RunOutcome, arriving, duplicates
 from lab.grader import Attack, ChargeGrader, Failure, Guard, Judged, preemptions_of
 from lab.provider import Outcome
 from lab.scheduler import Choice, Chooser
@@ -66,16 +66,6 @@ class _LateArrival:
         return choice
 
 
-def _arriving(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """Each request's first step is its arrival, so it reads the lab clock when it is scheduled to arrive."""
-
-    async def late(db: Any, provider: Any, key: str, body: bytes) -> Any:
-        await db.execute("SELECT 'the request arrives'")
-        return await handler(db, provider, key, body)
-
-    return late
-
-
 class LostTransitionGrader(ChargeGrader):
     """Scenario 3: the charge battery with crash points, provider faults and malformed requests."""
 
@@ -97,7 +87,7 @@ class LostTransitionGrader(ChargeGrader):
         """
         assert self.lab is not None
         pause = float(self.crash.retry_after)
-        arriving = _arriving(self.handler)
+        arrives_late = arriving(self.handler)
         requests = duplicates(2)
         for fault, how in ((None, ""), (FAULTS["a timeout"], ", the first provider call timing out")):
             script = [fault] if fault else None
@@ -105,7 +95,7 @@ class LostTransitionGrader(ChargeGrader):
             async def run(chooser: Chooser, script: list[Outcome] | None = script) -> Judged:
                 assert self.lab is not None
                 late = Guard(_LateArrival(chooser, "T2", pause), self.budget.max_steps)
-                raced = await self.lab.run(arriving, requests, late, provider_script=script)
+                raced = await self.lab.run(arrives_late, requests, late, provider_script=script)
                 # Before anyone retries: the provider's call that failed made no charge, so a key marked
                 # failed while a charge exists was written by an owner whose claim had been taken over.
                 overwritten = await self._failed_yet_charged() if script else []

@@ -24,7 +24,7 @@ import fixes.s3_lost_transition as fixed
 import lab
 import scenarios.s3_lost_transition as buggy
 from lab import clock
-from lab.charge import BODY, ChargeLab, Request, duplicates
+from lab.charge import BODY, ChargeLab, Request, arriving, duplicates
 from lab.postgres import Postgres
 from lab.provider import Outcome
 from lab.scheduler import Choice, Chooser, Crash
@@ -79,17 +79,6 @@ async def answers(workspace: Workspace) -> dict[str, lab.Response]:
         f"SELECT session, status, body FROM {workspace.ledger}.client_answers ORDER BY answer_no"
     )
     return {r["session"]: lab.Response(r["status"], json.loads(r["body"])) for r in rows}
-
-
-def arriving(handler: Handler) -> Handler:
-    """Each request's first step is its arrival (a no-op statement), so it reads the lab clock when it is
-    scheduled rather than when the run starts: a retry can arrive after a lease ran out, mid-run."""
-
-    async def late(db: Any, provider: Any, key: str, body: bytes) -> lab.Response:
-        await db.execute("SELECT 'the request arrives'")
-        return await handler(db, provider, key, body)
-
-    return late
 
 
 def transcript(outcome: Any) -> str:
