@@ -1,5 +1,6 @@
 """The `lab` command as a user meets it: exit codes, one-line errors, and nothing left behind."""
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -57,55 +59,36 @@ def test_unreachable_database_url_fails_fast_naming_the_host() -> None:
     assert "Traceback" not in done.stderr
 
 
-@pytest.fixture
-def canary(postgres: Postgres) -> Iterator[str]:
-    """A user's own table in public, which a lab run must leave exactly as it was."""
+def _column(dsn: str, sql: str) -> list[Any]:
+    """The first column of a query on the test server, from sync test code (each call its own loop)."""
 
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(postgres.dsn)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    import asyncio
-
-    asyncio.run(run("CREATE TABLE IF NOT EXISTS public.users_own_table (id int); TRUNCATE public.users_own_table;"
-                    " INSERT INTO public.users_own_table VALUES (1), (2), (3)"))
-    yield "public.users_own_table"
-    asyncio.run(run("DROP TABLE IF EXISTS public.users_own_table"))
-
-
-def _state_schemas(dsn: str) -> tuple[list[int], list[str]]:
-    """The lab's schemas on the server (the user's table is not needed for this one)."""
-
-    async def read() -> tuple[list[int], list[str]]:
+    async def read() -> list[Any]:
         conn = await asyncpg.connect(dsn)
         try:
-            query = "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'lab\\_%' ORDER BY 1"
-            return [], [r["nspname"] for r in await conn.fetch(query)]
+            return [row[0] for row in await conn.fetch(sql)]
         finally:
             await conn.close()
 
-    import asyncio
-
     return asyncio.run(read())
+
+
+def _lab_schemas(dsn: str) -> list[str]:
+    return _column(dsn, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'lab\\_%' ORDER BY 1")
 
 
 def _state(dsn: str) -> tuple[list[int], list[str]]:
-    async def read() -> tuple[list[int], list[str]]:
-        conn = await asyncpg.connect(dsn)
-        try:
-            rows = [r["id"] for r in await conn.fetch("SELECT id FROM public.users_own_table ORDER BY id")]
-            query = "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'lab\\_%' ORDER BY 1"
-            schemas = [r["nspname"] for r in await conn.fetch(query)]
-            return rows, schemas
-        finally:
-            await conn.close()
+    """The user's own rows, and the lab's schemas."""
+    return _column(dsn, "SELECT id FROM public.users_own_table ORDER BY id"), _lab_schemas(dsn)
 
-    import asyncio
 
-    return asyncio.run(read())
+@pytest.fixture
+def canary(postgres: Postgres) -> Iterator[str]:
+    """A user's own table in public, which a lab run must leave exactly as it was."""
+    _column(postgres.dsn, "DROP TABLE IF EXISTS public.users_own_table")
+    _column(postgres.dsn, "CREATE TABLE public.users_own_table (id int)")
+    _column(postgres.dsn, "INSERT INTO public.users_own_table VALUES (1), (2), (3)")
+    yield "public.users_own_table"
+    _column(postgres.dsn, "DROP TABLE IF EXISTS public.users_own_table")
 
 
 def test_run_against_a_users_server_touches_only_its_own_schema(postgres: Postgres, canary: str) -> None:
@@ -187,9 +170,9 @@ def test_run_2_shows_the_herd_and_brookers_table(postgres: Postgres) -> None:
 
 def test_too_many_sessions_for_the_server_is_one_line_and_exit_2(postgres: Postgres) -> None:
     """Stress beyond the server's max_connections says so in one line and exits 2, leaving no schema behind."""
-    _, before = _state_schemas(postgres.dsn)
+    before = _lab_schemas(postgres.dsn)
     done = lab("run", "1", "--fixed", "--stress", "--trials", "1", "--concurrency", "500",
                env={"LAB_DATABASE_URL": postgres.dsn})
     assert done.returncode == 2, done.stdout + done.stderr
     assert "max_connections" in done.stderr and "Traceback" not in done.stderr
-    assert _state_schemas(postgres.dsn)[1] == before
+    assert _lab_schemas(postgres.dsn) == before
