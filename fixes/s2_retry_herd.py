@@ -23,7 +23,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from lab.contracts import ProviderError
+import lab
 
 T = TypeVar("T")
 
@@ -33,7 +33,7 @@ CAP_S = 30.0  # longest delay
 
 def retryable(err: Exception) -> bool:
     """Only a server's trouble (5xx), throttling (429) or silence (timeout) can go away by itself."""
-    if isinstance(err, ProviderError):
+    if isinstance(err, lab.ProviderError):
         return err.status >= 500 or err.status == 429
     return isinstance(err, TimeoutError)
 
@@ -47,7 +47,7 @@ async def call_with_retry(fn: Callable[..., Awaitable[T]], max_attempts: int = 6
             if attempt == max_attempts - 1 or not retryable(err):
                 raise
             delay = random.uniform(0, min(CAP_S, BASE_S * 2**attempt))  # full jitter
-            if isinstance(err, ProviderError) and err.retry_after:
+            if isinstance(err, lab.ProviderError) and err.retry_after:
                 delay += err.retry_after  # the provider said when; the jitter still spreads the return
             await asyncio.sleep(delay)
     raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")  # nothing was tried

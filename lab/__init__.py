@@ -3,11 +3,8 @@
 This module is the workshop API: the names a scenario, a fix or a learner's handler uses.
 """
 
-from lab import clock
-from lab.charge import CrashAttack
-from lab.contracts import Event, ProviderError, RejectedEvent, Response
-from lab.errors import LabError
-from lab.invariants import (
+from lab.attacks.charge import CrashAttack
+from lab.attacks.invariants import (
     answered_as_stored,
     at_most_one_charge_per_key,
     at_most_one_provider_call_per_key,
@@ -15,10 +12,13 @@ from lab.invariants import (
     charged_once_after_recovery,
     reserved_is_sum_of_distinct_events,
 )
-from lab.provider import Provider
-from lab.proxy import SessionDb as Db
-from lab.scheduler import Crash, ScheduleError
-from lab.schedules import Schedule
+from lab.attacks.provider import Provider
+from lab.contracts import Event, ProviderError, RejectedEvent, Response
+from lab.engine import clock
+from lab.engine.proxy import SessionDb as Db
+from lab.engine.scheduler import Crash, ScheduleError
+from lab.engine.schedules import Schedule
+from lab.errors import LabError
 
 __all__ = [
     "Crash",

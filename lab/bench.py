@@ -16,7 +16,10 @@ The floors:
   under 1 is the trial's concurrency paying off;
 - the fixes' price: ``pgbench`` running the very statements the handler sent (recorded from one
   request through asyncpg's query logger) at the same 8 clients, next to what asyncpg alone reaches;
-- virtual time: bare tasks taking as many virtual sleeps on the same loop, with no provider.
+- virtual time: bare tasks taking as many virtual sleeps on the same loop, with no provider;
+- reduction: the same exploration without the partial-order reduction (``--no-reduction``): every
+  interleaving, where the reduced search runs one per class of equivalent ones. Past ``full_cap``
+  interleavings (a random-walk estimate) the full search is not run and the row says so.
 
 The bench always starts the embedded server, even when ``LAB_DATABASE_URL`` is set: start-up and
 pgbench need the binaries, and the floors must run on the server the figures ran on.
@@ -41,6 +44,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -49,14 +53,16 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from lab.charge import BODY, ChargeLab, Request, duplicates
+from lab.attacks.charge import BODY, ChargeLab, Exploration, Request, duplicates
+from lab.attacks.inbox import InboxLab, concurrent
+from lab.attacks.provider import Provider, release_as_is
 from lab.contracts import Event
-from lab.postgres import PREFIX, SETTINGS, provision
-from lab.provider import Provider, release_as_is
-from lab.proxy import ConnectionBank
+from lab.engine.proxy import ConnectionBank
+from lab.engine.scheduler import ScheduleError
+from lab.engine.schedules import DepthFirst, estimate_runs
+from lab.postgres.provision import INITDB_ARGS, PREFIX, SETTINGS, provision, run_parent
+from lab.postgres.workspace import Workspace
 from lab.registry import SCENARIOS, ScenarioInfo
-from lab.schedules import DepthFirst
-from lab.workspace import Workspace
 
 EMBEDDED = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}  # neither a user's URL nor Docker: our binaries
 CLIENTS = 8
@@ -117,75 +123,90 @@ class Settings:
     stress_trials: dict[int, int] = field(default_factory=lambda: dict(STRESS_TRIALS))
     explore_cap: int = 400  # schedules per measurement: all of scenario 1's (270 at most)
     startup: bool = True
+    reduction: tuple[tuple[int, int, str], ...] = (  # (scenario, sessions, sides) with and without the reduction
+        *((n, sessions, "buggy fixed") for sessions in (2, 3) for n in (1, 3, 4)), (1, 4, "fixed"),
+    )
+    full_cap: int = 12_000  # the full search is run only when a random-walk estimate says at most this many
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(runs=1, seconds=0.3, stress_trials={2: 10, 10: 5, 100: 2}, explore_cap=40)
+        return cls(runs=1, seconds=0.3, stress_trials={2: 10, 10: 5, 100: 2}, explore_cap=40,
+                   reduction=((1, 2, "buggy fixed"), (4, 2, "buggy fixed")), full_cap=200)
 
 
 # -- start-up -----------------------------------------------------------------------------------------
 
 
-def time_lab_run_1() -> float:
-    """Wall time of ``lab run 1`` as a user runs it: interpreter, imports, Postgres, journey, clean-up."""
-    env = {k: v for k, v in os.environ.items() if k != "LAB_DATABASE_URL"} | EMBEDDED
+REPO = Path(__file__).resolve().parent.parent
+
+
+def time_lab_run_1() -> tuple[str, float]:
+    """Wall time of ``make scenario-1`` with the venv present, as a user runs it again: make, interpreter,
+    imports, Postgres, journey, clean-up. Only when this interpreter is the repository's .venv (else make
+    would build one); otherwise ``lab run 1`` alone, which is all of that but make."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LAB_DATABASE_URL", "MAKEFLAGS", "MAKELEVEL")} | EMBEDDED
+    argv = [sys.executable, "-m", "lab.cli", "run", "1"]
+    what = "lab run 1"
+    if Path(sys.prefix).resolve() == REPO / ".venv" and (REPO / ".venv" / ".installed").is_file():
+        argv, what = ["make", "--no-print-directory", "-C", str(REPO), "scenario-1"], "make scenario-1, venv present"
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "lab.cli", "run", "1"], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, check=False,
-    )  # fmt: skip
+    done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"lab run 1 exited {done.returncode}: {done.stderr.strip()[-300:]}")
-    return elapsed
+        raise RuntimeError(f"{what} exited {done.returncode}: {done.stderr.strip()[-300:]}")
+    return what, elapsed
 
 
 def time_imports() -> float:
     """Interpreter start-up and the imports ``lab run 1`` needs before it does anything."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import lab.cli, lab.journey, lab.postgres, lab.workspace"], check=True)
+    imports = "import lab.cli, lab.journeys.charge, lab.postgres.provision, lab.postgres.workspace"
+    subprocess.run([sys.executable, "-c", imports], check=True)
     return time.perf_counter() - started
 
 
-def time_provision() -> tuple[float, float]:
-    """What ``provision()`` costs before the lab can connect (stale-dir sweep, initdb, start, ready), and
-    how much of that is its initdb: lab.postgres runs initdb, and only initdb, through ``_run_group``."""
-    import lab.postgres
-
-    original, initdb = lab.postgres._run_group, 0.0
-
-    def timed(argv: list[str], **kwargs: Any) -> tuple[int, bytes]:
-        nonlocal initdb
-        started = time.perf_counter()
-        try:
-            return original(argv, **kwargs)
-        finally:
-            initdb += time.perf_counter() - started
-
-    lab.postgres._run_group = timed
-    try:
+def time_provision(cold: bool = False) -> float:
+    """What ``provision()`` costs before the lab can connect: stale-dir sweep, the data directory (a copy
+    of the cached template; ``cold``: initdb, and saving the template, as a lab's very first start
+    does, in a cache dir of its own so the user's template is left alone), start, ready."""
+    with contextlib.ExitStack() as stack:
+        if cold:
+            cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="lab-bench-cache-"))
+            stack.enter_context(_environ("XDG_CACHE_HOME", cache))  # platformdirs reads it at each call
         started = time.perf_counter()
         with provision(EMBEDDED):
-            return time.perf_counter() - started, initdb
+            elapsed = time.perf_counter() - started
+    return elapsed
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
     finally:
-        lab.postgres._run_group = original
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 class PgCtl:
     """The start-up floor: the same binaries, as the same user, on a directory initialised beforehand."""
 
     def __init__(self) -> None:
-        from lab.postgres import _binaries_reachable, _find_bindir, _version, _world_readable_copy
+        from lab.postgres.provision import _binaries_reachable, _find_bindir, _version, _world_readable_copy
 
         self.bindir = _find_bindir()
         self.ids: dict[str, Any] = {}
-        if os.geteuid() == 0:  # as lab/postgres.py does: initdb refuses root, so nobody runs the server
+        if os.geteuid() == 0:  # as lab/postgres/provision.py does: initdb refuses root, so nobody runs the server
             nobody = pwd.getpwnam("nobody")
             self.ids = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
             if not _binaries_reachable(self.bindir):
                 self.bindir = _world_readable_copy(self.bindir, _version(self.bindir))
         # PREFIX and lab.pid: if the bench is SIGKILLed, the next lab reaps this dir and its postmaster.
-        self.root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}bench-"))
+        self.root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}bench-", dir=run_parent()))  # where the lab's goes
         (self.root / "lab.pid").write_text(str(os.getpid()))
         self.data, self.sock = self.root / "data", self.root / "sock"
 
@@ -194,8 +215,8 @@ class PgCtl:
         if self.ids:
             for path in (self.root, self.sock):
                 os.chown(path, self.ids["user"], self.ids["group"])
-        argv = [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
-        subprocess.run([*argv, "--no-locale", "--no-sync"], cwd=self.root, capture_output=True, check=True, **self.ids)
+        argv = [str(self.bindir / "initdb"), "-D", str(self.data), *INITDB_ARGS]  # as the lab's template was made
+        subprocess.run(argv, cwd=self.root, capture_output=True, check=True, **self.ids)
         settings = SETTINGS | {"unix_socket_directories": str(self.sock)}
         with (self.data / "postgresql.auto.conf").open("a") as conf:
             conf.writelines(f"{name} = '{value}'\n" for name, value in settings.items())
@@ -230,16 +251,17 @@ class PgCtl:
 
 def bench_startup(bench: Bench, settings: Settings) -> None:
     floor = "pg_ctl start, initialised dir"
+    time_provision()  # the first start on a machine makes the template; every figure below is a later start
     run = bench.figure("startup.lab_run_1", "start-up", "lab run 1, end to end", "s")
     imports = bench.figure("startup.imports", "start-up", "  of which python and imports", "s")
     prov = bench.figure("startup.provision", "start-up", "  of which provision()", "s", floor)
-    initdb = bench.figure("startup.initdb", "start-up", "    of which initdb", "s", floor)
+    cold = bench.figure("startup.provision_cold", "start-up", "provision(), a machine's first (initdb)", "s", floor)
     for _ in range(settings.runs):
-        run.samples.append(time_lab_run_1())
+        run.label, run_s = time_lab_run_1()
+        run.samples.append(run_s)
         imports.samples.append(time_imports())
-        provision_s, initdb_s = time_provision()
-        prov.samples.append(provision_s)
-        initdb.samples.append(initdb_s)
+        prov.samples.append(time_provision())
+        cold.samples.append(time_provision(cold=True))
         pg_ctl = PgCtl()
         try:
             pg_ctl.initdb()
@@ -247,12 +269,12 @@ def bench_startup(bench: Bench, settings: Settings) -> None:
                 prov.floor_samples.append(pg_ctl.start_s())
         finally:
             pg_ctl.close()
-    initdb.floor_samples = prov.floor_samples
+    cold.floor_samples = prov.floor_samples
     rest = run.value - imports.value - prov.value
     run.note = f"{rest:.2f} s of it is the journey (timeline, interleavings, stress) and clean-up"
-    imports.note = f"{imports.value / run.value:.0%} of lab run 1"
-    prov.note = f"{prov.value / run.value:.0%} of lab run 1"
-    initdb.note = f"{initdb.value / prov.value:.0%} of provision()"
+    imports.note = f"{imports.value / run.value:.0%} of the whole"
+    prov.note = f"{prov.value / run.value:.0%} of the whole; a copy of the cached template"
+    cold.note = "initdb, then the template saved for every later start"
 
 
 # -- a side of a scenario: a workspace, a warm ChargeLab, and a rig that records what it sends -------
@@ -337,7 +359,7 @@ class Side:
         unique = f"{KEY_MARK}{n}"
         if self.info.contract == "handle_event":
             # The sku of the inbox attacks' event, a seeded row: every bench event reserves it (one hot row).
-            sku: str = importlib.import_module("lab.inbox").E1.sku
+            sku: str = importlib.import_module("lab.attacks.inbox").E1.sku
             event = Event(unique, sku, 1)
             return lambda db: self.module.handle_event(db, event)
         return lambda db: self.module.handle_charge(db, provider, unique, BODY)
@@ -534,7 +556,7 @@ def _quote(text: str) -> str:
 
 def run_pgbench(dsn: str, schema: str, script: str, seconds: float, workdir: Path) -> tuple[float, list[float]]:
     """pgbench at ``CLIENTS`` clients on the server the handlers ran on; tps and per-transaction latencies (ms)."""
-    from lab.postgres import _find_bindir
+    from lab.postgres.provision import _find_bindir
 
     query = parse_qs(urlsplit(dsn).query)
     (workdir / "script.sql").write_text(script)
@@ -620,7 +642,7 @@ async def bench_driver(bench: Bench, side: Side, settings: Settings, workdir: Pa
 def bench_virtual(bench: Bench, settings: Settings, clients: int = 1000) -> bool:
     """Clients per second in the retry herd, if scenario 2 exposes its benchmark helper."""
     try:
-        from lab.herd import bench_virtual_time
+        from lab.attacks.herd import bench_virtual_time
     except ImportError:
         return False
     fig = bench.figure(
@@ -638,7 +660,7 @@ def _bare_virtual(clients: int) -> float:
     """The loop's own cost for the herd's timers: every client sleeping as often as it retries."""
     import random
 
-    from lab.virtual_time import run_virtual
+    from lab.engine.virtual_time import run_virtual
 
     async def herd() -> None:
         async def client() -> None:
@@ -650,6 +672,63 @@ def _bare_virtual(clients: int) -> float:
     started = time.perf_counter()
     run_virtual(herd, seed=1)
     return clients / (time.perf_counter() - started)
+
+
+# -- partial-order reduction ---------------------------------------------------------------------
+
+
+async def bench_reduction(bench: Bench, dsn: str, settings: Settings, console: Console) -> None:
+    """Each (scenario, sessions), buggy and fixed: the reduced search, then the full one where it is short enough."""
+    workspace = await Workspace.open(dsn)
+    try:
+        for number, sessions, sides in settings.reduction:
+            info = SCENARIOS[number]
+            for side in sides.split():
+                module = info.module(side)
+                console.print(f"[dim]reduction: s{number} {side}, {sessions} sessions[/]")
+                if info.contract == "handle_event":
+                    async with InboxLab(workspace, module.INVARIANT) as inbox:
+                        await inbox.install(module)
+                        explore = partial(inbox.explore, module.handle_event, concurrent(sessions))
+                        walk = partial(inbox.run, module.handle_event, concurrent(sessions))
+                        await _reduction_row(bench, settings, f"s{number} {side}", sessions, explore, walk)
+                else:
+                    async with ChargeLab(workspace, module.INVARIANT) as charge:
+                        await charge.install(module)
+                        explore = partial(charge.explore, module.handle_charge, duplicates(sessions))
+                        walk = partial(charge.run, module.handle_charge, duplicates(sessions))
+                        await _reduction_row(bench, settings, f"s{number} {side}", sessions, explore, walk)
+    finally:
+        await workspace.close()
+
+
+async def _reduction_row(
+    bench: Bench, settings: Settings, name: str, sessions: int,
+    explore: Callable[..., Awaitable[Exploration]], walk: Callable[[Any], Awaitable[object]],
+) -> None:
+    fig = bench.figure(
+        f"reduction.{name.replace(' ', '.')}.{sessions}", "partial-order reduction", f"{name}, {sessions} sessions",
+        "s", "every interleaving (--no-reduction)",
+    )  # fmt: skip
+    runs = replays = 0
+    for _ in range(settings.runs):
+        reduced = await explore(reduction=True)
+        fig.samples.append(reduced.seconds)
+        runs, replays = reduced.runs, replays + reduced.replays
+    each = 1000 * fig.value / max(runs, 1)
+    again = f", {replays} replayed after a lock's wake order diverged" if replays else ""
+    estimate = await estimate_runs(walk)
+    if estimate > settings.full_cap:
+        fig.note = f"{runs} interleavings{again}, {each:.1f} ms each; full search not run: about {estimate:,}"
+        return
+    try:
+        full = await explore(reduction=False)
+    except ScheduleError as exc:  # the server woke lock waiters in another order: the full search cannot replay
+        fig.note = f"{runs} interleavings{again}, {each:.1f} ms each; full search stopped: {exc}"[:200]
+        return
+    fig.floor_samples.append(full.seconds)
+    fig.note = (f"{runs} of {full.runs} interleavings{again}, {each:.1f} ms each against"
+                f" {1000 * full.seconds / full.runs:.1f}")
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -685,13 +764,14 @@ async def bench_database(bench: Bench, dsn: str, settings: Settings, console: Co
 def run(settings: Settings, console: Console) -> Bench:
     bench = Bench()
     if settings.startup:
-        console.print("[dim]start-up: lab run 1, provision(), pg_ctl start[/]")
+        console.print("[dim]start-up: make scenario-1, provision() warm and cold, pg_ctl start[/]")
         bench_startup(bench, settings)
     with provision(EMBEDDED) as pg:
         console.print(f"[dim]{pg.description}[/]")
         asyncio.run(bench_database(bench, pg.dsn, settings, console))
+        asyncio.run(bench_reduction(bench, pg.dsn, settings, console))
     if not bench_virtual(bench, settings):
-        console.print("[dim]virtual time: lab.herd has no bench_virtual_time; row left out[/]")
+        console.print("[dim]virtual time: lab.attacks.herd has no bench_virtual_time; row left out[/]")
     return bench
 
 

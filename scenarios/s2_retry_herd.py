@@ -2,7 +2,7 @@
 
 Claim: clients that fail together retry together, and a retry that cannot help is still made.
 
-Expected broken outcome (100 clients, provider down for its first second; see ``lab/herd.py``):
+Expected broken outcome (100 clients, provider down for its first second; see ``lab/attacks/herd.py``):
   * all 100 retries land in the same 50 ms bucket at 0.2, 0.6 and 1.4 s: the outage that caused
     the failures is hit again by the full load, three times over, and again when it recovers;
   * a card declined (402) or a bad request (400) is sent 6 times over 6.2 s before the caller hears;

@@ -7,9 +7,12 @@ embedded server), so the suite runs against the same kind of database a user get
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from sizing import USED
 
-from lab.postgres import Postgres, provision
-from lab.workspace import Workspace
+from lab.postgres.provision import Postgres, provision
+from lab.postgres.workspace import Workspace
+
+pytest_plugins = ["pytester"]  # tests/test_plugin.py runs test files through the lab's own pytest plugin
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +28,11 @@ async def workspace(postgres: Postgres) -> AsyncIterator[Workspace]:
         yield ws
     finally:
         await ws.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say what the tests that open many sessions used on this server (tests/sizing.py)."""
+    if USED:
+        terminalreporter.section("sessions sized to the server's free connections")
+        for line in USED:
+            terminalreporter.write_line(line)

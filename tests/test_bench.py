@@ -21,9 +21,10 @@ def test_quick_bench_writes_every_figure_with_a_positive_value(tmp_path: Path) -
     assert results["meta"]["runs"] == 1
     figures = results["figures"]
     expected = {
-        "startup.lab_run_1", "startup.imports", "startup.provision", "startup.initdb",
+        "startup.lab_run_1", "startup.imports", "startup.provision", "startup.provision_cold",
         "explore.s1.buggy.2", "explore.s1.fixed.3", "price.asyncpg_alone",
         *(f"stress.s1.{side}.{n}" for side in ("buggy", "fixed") for n in (2, 10, 100)),
+        *(f"reduction.s{n}.{side}.2" for n in (1, 4) for side in ("buggy", "fixed")),
         *(
             f"price.s{info.number}.fixed.{what}"
             for info in SCENARIOS.values() if info.contract in ("handle_charge", "handle_event")

@@ -15,12 +15,12 @@ from golden import assert_matches_golden
 import fixes.s4_inbox_double_apply as fixed
 import lab
 import scenarios.s4_inbox_double_apply as buggy
-from lab.charge import RunOutcome
-from lab.inbox import E1, Delivery, InboxLab, InboxScenario, concurrent, crash_points
-from lab.inbox_stream import StreamPlan, StreamResult, run_stream, stream_messages
-from lab.schedules import ScriptedChooser
-from lab.timeline import plain, render
-from lab.workspace import Workspace
+from lab.attacks.charge import RunOutcome
+from lab.attacks.inbox import E1, Delivery, InboxLab, InboxScenario, concurrent, crash_points
+from lab.attacks.inbox_stream import StreamPlan, StreamResult, run_stream, stream_messages
+from lab.engine.schedules import ScriptedChooser
+from lab.engine.timeline import plain, render
+from lab.postgres.workspace import Workspace
 
 HOLDS = "reserved per SKU is the sum of distinct events' quantities; none lost, none applied twice"
 
@@ -104,7 +104,9 @@ async def test_concurrent_redelivery_applies_twice_in_every_interleaving(inbox: 
     """Two consumers given e1 at once: the buggy one reserves twice in every interleaving, lock wait or not."""
     await inbox.install(buggy)
     waits: list[list[tuple[str, str]]] = []
-    found = await inbox.explore(buggy.handle_event, concurrent(2), observe=lambda o: waits.append(lock_waits(o)))
+    found = await inbox.explore(
+        buggy.handle_event, concurrent(2), observe=lambda o: waits.append(lock_waits(o)), reduction=False
+    )
     assert found.runs > 50
     assert found.failing == found.runs
     assert found.smallest is not None
@@ -116,7 +118,9 @@ async def test_concurrent_redelivery_is_applied_once_in_every_interleaving(inbox
     """Two consumers given e1 at once: the fix reserves exactly once in every interleaving, including the waits."""
     await inbox.install(fixed)
     waits: list[list[tuple[str, str]]] = []
-    found = await inbox.explore(fixed.handle_event, concurrent(2), observe=lambda o: waits.append(lock_waits(o)))
+    found = await inbox.explore(
+        fixed.handle_event, concurrent(2), observe=lambda o: waits.append(lock_waits(o)), reduction=False
+    )
     assert found.runs > 50
     assert found.failing == 0
     assert sum(1 for w in waits if w) > 0

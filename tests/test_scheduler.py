@@ -1,15 +1,16 @@
 """The scheduler: order recorded and compared exactly, without a database where possible; lock waits and
 crashes against the real one."""
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import asyncpg
 import pytest
 
-from lab.scheduler import Crash, HandlerHung, ScheduleError, Scheduler
-from lab.schedules import DepthFirst, Schedule, ScriptedChooser
-from lab.workspace import Workspace
+from lab.engine.scheduler import Crash, HandlerHung, ScheduleError, Scheduler
+from lab.engine.schedules import DepthFirst, Schedule, ScriptedChooser
+from lab.postgres.workspace import Workspace
 
 COUNTER = "CREATE TABLE counter (id int PRIMARY KEY, n int NOT NULL);"
 NO_DATABASE = cast(asyncpg.Connection, None)  # steps without a backend pid never ask the server
@@ -163,7 +164,7 @@ async def test_a_handler_exception_is_the_sessions_outcome() -> None:
 
 async def test_a_lock_wait_is_shown_waiting_then_completed(workspace: Workspace) -> None:
     """A step blocked on another session's row lock is marked <waiting ...>, others go on, then it completes."""
-    from lab.proxy import ConnectionBank
+    from lab.engine.proxy import ConnectionBank
 
     await workspace.install(COUNTER, "INSERT INTO counter VALUES (1, 0);")
     bank = ConnectionBank(workspace.connect)
@@ -201,7 +202,7 @@ async def test_a_lock_wait_is_shown_waiting_then_completed(workspace: Workspace)
 
 async def test_a_crash_rolls_back_the_sessions_open_transaction(workspace: Workspace) -> None:
     """Crashing a session inside its transaction terminates its backend, so its write is rolled back."""
-    from lab.proxy import ConnectionBank
+    from lab.engine.proxy import ConnectionBank
 
     await workspace.install(COUNTER, "INSERT INTO counter VALUES (1, 0);")
     bank = ConnectionBank(workspace.connect)
@@ -220,3 +221,30 @@ async def test_a_crash_rolls_back_the_sessions_open_transaction(workspace: Works
     finally:
         await bank.close()
         await monitor.close()
+
+
+async def test_cancelling_the_run_ends_a_session_that_steps_on_its_way_out() -> None:
+    """A cancelled run ends even if a handler takes a step while unwinding (a ROLLBACK in ``except BaseException``).
+
+    Ctrl-C cancels the task driving the scheduler; each session is then cancelled once. A step taken
+    while unwinding must not park at a gate that nobody will ever open again.
+    """
+    scheduler = Scheduler(NO_DATABASE)
+    started = asyncio.Event()
+
+    async def rolls_back_on_the_way_out() -> None:
+        async def act() -> None:
+            started.set()
+            await asyncio.Event().wait()  # a statement in flight when Ctrl-C comes
+
+        try:
+            await scheduler.step("BEGIN; UPDATE ...", act, pid=None, render=str)
+        except BaseException:
+            await scheduler.step("ROLLBACK", act, pid=None, render=str)
+            raise
+
+    run = asyncio.create_task(scheduler.run({"T1": rolls_back_on_the_way_out}, DepthFirst()))
+    await started.wait()
+    run.cancel()
+    done, _ = await asyncio.wait({run}, timeout=2)
+    assert run in done and run.cancelled()

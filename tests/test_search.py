@@ -12,11 +12,11 @@ import pytest
 import fixes.s1_dedup_race as fixed
 import lab
 import scenarios.s1_dedup_race as buggy
-from lab.bounded import FewestFirst, explore
-from lab.charge import ChargeLab, RunOutcome, duplicates, switches
-from lab.scheduler import Chooser, Crash, ScheduleError
-from lab.search import SequenceChooser, search
-from lab.workspace import Workspace
+from lab.attacks.charge import ChargeLab, RunOutcome, duplicates, switches
+from lab.engine.exploration import FewestFirst, explore
+from lab.engine.scheduler import Chooser, Crash, ScheduleError
+from lab.engine.search import SequenceChooser, search
+from lab.postgres.workspace import Workspace
 
 
 def play(chooser: Chooser, steps: dict[str, int]) -> list[str]:

@@ -15,50 +15,88 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from lab.attacks.retry_rules import check_retry
 from lab.errors import LabError
-from lab.grade_retry import grade_retry
-from lab.grader import Budget, CannotGrade
-from lab.herd import check_retry
-from lab.postgres import Postgres
+from lab.postgres.provision import Postgres
+from lab.postgres.workspace import Workspace
 from lab.registry import scenario
-from lab.submission import load
-from lab.workshop import finish, grade
-from lab.workspace import Workspace
+from lab.workshop.commands import finish, grade
+from lab.workshop.grading import Budget, CannotGrade
+from lab.workshop.herd import grade_retry
+from lab.workshop.submission import load
 
 ROOT = Path(__file__).resolve().parent.parent
 WRONG = ROOT / "tests" / "wrong_fixes"
 RIGHT = ROOT / "tests" / "right_fixes"
 LAB = [sys.executable, "-m", "lab.cli"]
 
-# What each wrong fix must be caught doing: a phrase of the broken rule the participant is shown.
+# What each wrong fix must be caught doing, and the rule the verdict names (the line the participant is shown).
 CAUGHT = {
-    "s1_lock_that_locks_nothing": "key k1 charged 2 times",
-    "s1_check_in_the_wrong_transaction": "key k1 charged 2 times",
-    "s1_ignored_on_conflict_result": "key k1 charged 2 times",
-    "s1_advisory_lock_released_early": "key k1 charged 2 times",
-    "s1_transaction_read_committed": "key k1 charged 2 times",
-    "s1_in_memory_lock": "key k1 charged 2 times",
-    "s1_on_conflict_do_update": "key k1 charged 2 times",
-    "s1_replays_in_progress_as_success": 'T2 answered 200 {"status": "in_progress"}',
-    "s1_forgets_the_body": "reused key k1 with a different body",
-    "s1_unique_violation_escapes": "T2 raised UniqueViolationError",
-    "s2_jitter_too_small": "clients arrived in one 50 ms bucket",
-    "s2_retry_condition_too_wide": "a 402 was sent 6 times",
-    "s2_retries_4xx": "a 400 was sent 6 times",
-    "s2_new_key_per_attempt": "was charged 2 times for one client",
-    "s2_ignores_retry_after": "Retry-After 2 s, but the retry came after",
-    "s3_409_without_lease": "key k1 ended in_progress, not completed",
-    "s3_takeover_without_provider_key": "key k1 charged 2 times (ch_1, ch_2)",
-    "s3_cas_but_charges_in_progress": "key k1 charged 2 times",
-    "s3_failed_is_final": "key k1 ended failed, not completed",
-    "s3_no_fencing": "was marked failed while its charge (ch_1) went through",
-    "s4_two_transactions": "event e1 lost (sku-01 reserved 0, expected 5)",
-    "s4_check_then_apply": "event e1 applied 2 times",
-    "s4_guarded_update": "event e1 applied 2 times",
-    "s4_record_after_apply": "event e1 applied 2 times",
-    "s4_seen_in_memory": "event e1 applied 2 times",
-    "s4_happy_path_only": "malformed event",
+    "s1_lock_that_locks_nothing": ("key k1 charged 2 times", "one charge per key"),
+    "s1_check_in_the_wrong_transaction": ("key k1 charged 2 times", "one charge per key"),
+    "s1_ignored_on_conflict_result": ("key k1 charged 2 times", "one charge per key"),
+    "s1_advisory_lock_released_early": ("key k1 charged 2 times", "one charge per key"),
+    "s1_transaction_read_committed": ("key k1 charged 2 times", "one charge per key"),
+    "s1_in_memory_lock": ("key k1 charged 2 times", "one charge per key"),
+    "s1_on_conflict_do_update": ("key k1 charged 2 times", "one charge per key"),
+    "s1_replays_in_progress_as_success": ('T2 answered 200 {"status": "in_progress"}',
+                                          "a duplicate in flight gets 409"),
+    "s1_in_flight_answers_202": ('T2 answered 202 {"status": "accepted, in progress"}',
+                                 "a duplicate in flight gets 409"),
+    "s1_forgets_the_body": ("reused key k1 with a different body", "another body with the same key gets 422"),
+    "s1_fingerprints_the_amount": ("reused key k1 with a different body and got 201",
+                                   "another body with the same key gets 422"),
+    "s1_replays_by_body": ("(key k2) was answered charge ch_1, which was made for key k1", "keys are independent"),
+    "s1_unique_violation_escapes": ("T2 raised UniqueViolationError", "every request is answered"),
+    "s1_serializable_without_retry": ("raised SerializationError", "every request is answered"),
+    "s1_advisory_lock_on_the_pool": ("key k1 charged 2 times", "one charge per key"),
+    "s2_jitter_too_small": ("clients arrived in one 50 ms bucket",
+                            "clients that failed together do not retry together"),
+    "s2_retry_condition_too_wide": ("a 402 was sent 6 times", "a 4xx other than 429 is final"),
+    "s2_retries_4xx": ("a 400 was sent 6 times", "a 4xx other than 429 is final"),
+    "s2_new_key_per_attempt": ("was charged 2 times for one client", "a retry is the same request"),
+    "s2_ignores_retry_after": ("a 429 asked for 3 s (ProviderError.retry_after), but the retry came after",
+                               "Retry-After is waited out"),
+    "s2_retry_after_only_on_429": ("a 503 asked for 3 s (ProviderError.retry_after), but the retry came after",
+                                   "Retry-After is waited out"),
+    "s2_retries_gateway_errors_only": ("after 500-501, 505-599 once, then 200, the caller got the error",
+                                       "a 5xx and a timeout are retried"),
+    "s2_ignores_max_attempts": ("with max_attempts=3 and a provider that always answers 503, fn was called 6 times",
+                                "max_attempts is the number of calls"),
+    "s2_swallows_cancellation": ("the caller's deadline cancelled the call at 0.03 s, but 5 attempts followed",
+                                 "cancellation goes through at once"),
+    "s3_409_without_lease": ("key k1 ended in_progress, not completed", "Retry-After is a promise"),
+    "s3_polls_every_second": ("(1 s the last time), and was still told 409", "Retry-After is a promise"),
+    "s3_lease_on_the_database_clock": ("(30 s the last time), and was still told 409", "lab.clock.now()"),
+    "s3_takeover_without_provider_key": ("key k1 charged 2 times (ch_1, ch_2)", "the client's retry finishes the job"),
+    "s3_cas_but_charges_in_progress": ("key k1 charged 2 times", "one provider call per key while its owner holds it"),
+    "s3_failed_is_final": ("key k1 ended failed, not completed", "the client's retry finishes the job"),
+    "s3_no_fencing": ("was marked failed while its charge (ch_1) went through", "the client's retry finishes the job"),
+    "s3_takeover_decided_in_python": ("T2 and T3 both took failed key k1 over", "one retry takes a key over"),
+    "s3_takeover_ignores_the_body": ("T2 reused key k1 with another body, answered 201",
+                                     "another body with the same key gets 422"),
+    "s4_two_transactions": ("event e1 lost (sku-01 reserved 0, expected 5)", "no event is lost"),
+    "s4_check_then_apply": ("event e1 applied 2 times", "each event is applied exactly once"),
+    "s4_guarded_update": ("event e1 applied 2 times", "each event is applied exactly once"),
+    "s4_record_after_apply": ("event e1 applied 2 times", "each event is applied exactly once"),
+    "s4_seen_in_memory": ("event e1 applied 2 times", "each event is applied exactly once"),
+    "s4_read_modify_write": ("sku-01 reserved 3, expected 8: 5 lost", "no event is lost"),
+    "s4_happy_path_only": ("malformed event 'bad-zero' (sku-01, qty 0) accepted", "an event that can never apply is"
+                                                                                   " rejected"),
+    "s4_accepts_a_zero_quantity": ("malformed event 'bad-zero' (sku-01, qty 0) accepted",
+                                   "an event that can never apply is rejected"),
+    "s4_savepoint_swallows_the_duplicate": ("event e1 applied 2 times", "each event is applied exactly once"),
+    "s4_begin_on_the_pool": ("event e1 lost", "no event is lost"),
+    "s4_skips_unknown_skus": ("malformed event 'bad-sku' (sku-unknown, qty 4) accepted",
+                              "an event that can never apply is rejected"),
 }
+
+
+def assert_caught(path: Path, output: str) -> None:
+    """The verdict shows what the wrong fix did, and names the rule it breaks."""
+    did, rule = CAUGHT[path.stem]
+    assert did in output, output
+    assert rule in output.replace("\n", " "), output
 
 
 def files(folder: Path, prefix: str) -> list[Path]:
@@ -218,6 +256,81 @@ def test_a_handler_that_never_yields_the_event_loop_is_stopped(tmp_path: Path, p
     assert done.stderr.count("\n") == 1 and "did not give control back for 1 s" in done.stderr
 
 
+# -- a file that tries to end, hang or fool the grader -----------------------------------------------------
+
+BUGGY_1 = (ROOT / "scenarios" / "s1_dedup_race.py").read_text()
+
+# A file, and what `lab check 1` must say about it: exit 2 and one line, never exit 0.
+HOSTILE = {
+    "exits_at_import": ("import sys\nsys.exit(0)\n", "line 2: it called sys.exit(0)"),
+    "raises_systemexit": ("async def handle_charge(db, provider, key, body):\n    raise SystemExit\n",
+                          "line 2: it called sys.exit(None)"),
+    "os_exit_at_import": ("import os\nos._exit(0)\n", "line 2: it called os._exit(0)"),
+    "os_exit_in_handler": ("import os\nasync def handle_charge(db, provider, key, body):\n    os._exit(0)\n",
+                           "line 3: it called os._exit(0)"),
+    "sleeps_at_import": ("import time\ntime.sleep(3600)\n", "line 2: importing it did not finish within 1.5 s"
+                         " (at `time.sleep(3600)`)"),
+    "sleeps_catching_everything": (
+        "import time\nasync def handle_charge(db, provider, key, body):\n    while True:\n        try:\n"
+        "            time.sleep(3600)\n        except BaseException:\n            pass\n",
+        "line 5: handle_charge did not give control back for 1.5 s (at `time.sleep(3600)`)",
+    ),
+    "kills_its_process_group": (
+        "import os, signal\nasync def handle_charge(db, provider, key, body):\n    os.killpg(0, signal.SIGKILL)\n",
+        "the grader's process was killed by SIGKILL before giving a verdict",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_a_file_cannot_end_or_hang_the_grader(tmp_path: Path, postgres: Postgres, name: str) -> None:
+    """Exiting, killing its process group or blocking, at import or in the handler: exit 2, one line naming it."""
+    source, expected = HOSTILE[name]
+    path = write(tmp_path, f"{name}.py", source)
+    started = time.monotonic()
+    done = lab("check", "1", str(path), "--step-timeout", "0.5", dsn=postgres.dsn, timeout=60)
+    assert time.monotonic() - started < 15  # the stall (1.5 s) and start-up, never the hour it asked for
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"{path}, {expected}" in done.stderr or expected in done.stderr, done.stderr
+
+
+def test_a_file_that_closes_stdout_and_forks_is_still_graded(tmp_path: Path, postgres: Postgres) -> None:
+    """The buggy handler, sending stdout to /dev/null and forking a process that exits 0: FAIL, exit 1, report intact.
+
+    (Every request imports the file afresh, so this runs for each one.)
+    """
+    path = write(tmp_path, "sly.py", "import os, sys\nos.dup2(os.open(os.devnull, os.O_WRONLY), 1)\n"
+                                     "sys.stdout.close()\nif os.fork() == 0:\n    os._exit(0)\n" + BUGGY_1)
+    done = lab("check", "1", str(path), dsn=postgres.dsn)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAIL: " in done.stdout and "key k1 charged 2 times" in done.stdout
+
+
+def test_a_killed_check_leaves_nothing_the_next_lab_does_not_reap(tmp_path: Path) -> None:
+    """SIGKILL mid-check leaves hypothesis's directory behind; the next lab's start-up removes it."""
+    path = write(tmp_path, "slow.py", "import time\nasync def call_with_retry(fn, max_attempts=6):\n"
+                                      "    time.sleep(3600)\n")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([*LAB, "check", "2", str(path)], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("checking "), proc.communicate()
+        deadline = time.monotonic() + 10
+        while not [d.name for d in temp.iterdir() if "hypothesis" in d.name]:
+            assert time.monotonic() < deadline, "the check made no directory for hypothesis"
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait(10)
+    finally:
+        proc.kill()
+    subprocess.run([*LAB, "check", "2", str(tmp_path / "none.py")], env=env, capture_output=True, check=False)
+    assert [d.name for d in temp.iterdir() if "hypothesis" in d.name] == []
+
+
 # -- the grader that cannot be fooled: scenario 1 ----------------------------------------------------------
 
 
@@ -227,15 +340,15 @@ async def test_every_wrong_fix_is_rejected_with_its_failing_interleaving(path: P
     code, output = await check_file(workspace, path)
     assert code == 1, output
     assert "the simplest failing run" in output
-    assert CAUGHT[path.stem] in output
+    assert_caught(path, output)
 
 
 # Lock-based designs make hundreds of interleavings, each slowed by lock waits, so the suite grades the
-# right designs on a smaller budget than the CLI's (past each limit, random schedules take over); the
-# lab's fix for scenario 1 passes the CLI's full budget in docs/WORKSHOP.md, and every right design
-# here does too when checked by hand (`lab check N FILE`).
-SUITE_BUDGET = Budget(pairs_limit=150, other_body_limit=30, stall_limit=40, triples_limit=40, random_examples=15,
-                      stress=((2, 10), (10, 5)), stream_events=100)
+# right designs on a much smaller budget than the CLI's (past each limit, random schedules take over, and
+# fewer of them): every attack still runs, each on its simplest interleavings. `make mutants` grades
+# every right design (and every wrong one) with `lab check` itself, on the CLI's full budget.
+SUITE_BUDGET = Budget(pairs_limit=60, other_body_limit=20, keys_limit=10, race_limit=6, stall_limit=20,
+                      triples_limit=20, random_examples=8, stress=((2, 5),), stream_events=60)
 
 
 @pytest.mark.parametrize("path", files(RIGHT, "s1"), ids=lambda p: p.stem)
@@ -290,6 +403,24 @@ async def test_a_file_may_bring_its_own_schema(tmp_path: Path, workspace: Worksp
     assert verdict.failure.problems[0].startswith("T2 came after T1 had answered 201")
 
 
+async def test_a_handler_returning_a_dict_is_told_to_return_a_response(tmp_path: Path, workspace: Workspace) -> None:
+    """Returning a dict where the contract says lab.Response is one line that names lab.Response."""
+    path = write(tmp_path, "d.py", "async def handle_charge(db, provider, key, body):\n"
+                                   "    return {'status': 201, 'charge_id': await provider.charge(key, 1000)}\n")
+    with pytest.raises(CannotGrade) as raised:
+        await grade(workspace, scenario(1), load(path, "handle_charge"), budget=TINY)
+    assert "handle_charge returned a dict, not a lab.Response" in str(raised.value)
+    assert "lab.Response(status, body)" in str(raised.value)
+
+
+async def test_a_handler_returning_none_on_one_path_is_told_so(tmp_path: Path, workspace: Workspace) -> None:
+    """A loser that returns None (no return on its path) fails with the words lab.Response, not "no answer"."""
+    source = OWN_SCHEMA.replace('return lab.Response(409, {"error": "in flight or done"})', "return None")
+    verdict = await grade(workspace, scenario(1), load(write(tmp_path, "n.py", source), "handle_charge"), budget=TINY)
+    assert verdict.failure is not None
+    assert any("handle_charge returned None, not a lab.Response" in p for p in verdict.failure.problems), verdict
+
+
 async def test_a_schema_that_does_not_install_cannot_be_graded(tmp_path: Path, workspace: Workspace) -> None:
     """A SCHEMA PostgreSQL refuses is one line saying so."""
     path = write(tmp_path, "bad.py", 'SCHEMA = "CREATE TABEL x (a int);"\nasync def handle_charge(d, p, k, b): ...\n')
@@ -313,7 +444,7 @@ async def test_every_wrong_state_machine_is_rejected(path: Path, workspace: Work
     code, output = await check_lost(workspace, path)
     assert code == 1, output
     assert "the simplest failing run" in output
-    assert CAUGHT[path.stem] in output
+    assert_caught(path, output)
 
 
 @pytest.mark.parametrize("path", [ROOT / "fixes" / "s3_lost_transition.py", *files(RIGHT, "s3")],
@@ -334,17 +465,13 @@ async def check_inbox(workspace: Workspace, path: Path, budget: Budget | None = 
     return code, console.export_text()
 
 
-CAUGHT_BY_A_STREAM = {"s4_happy_path_only"}  # no schedule: the stream's verdict is read from its tables
-
-
 @pytest.mark.parametrize("path", files(WRONG, "s4"), ids=lambda p: p.stem)
 async def test_every_wrong_inbox_consumer_is_rejected(path: Path, workspace: Workspace) -> None:
-    """A plausible wrong consumer exits 1 with the broken invariant, shown on a timeline when a schedule broke it."""
+    """A plausible wrong consumer exits 1 with the broken invariant on the timeline of the run that broke it."""
     code, output = await check_inbox(workspace, path)
     assert code == 1, output
-    assert CAUGHT[path.stem] in output
-    if path.stem not in CAUGHT_BY_A_STREAM:
-        assert "the simplest failing run" in output
+    assert "the simplest failing run" in output
+    assert_caught(path, output)
 
 
 @pytest.mark.parametrize("path", [ROOT / "fixes" / "s4_inbox_double_apply.py", *files(RIGHT, "s4")],
@@ -364,15 +491,15 @@ def test_each_request_runs_in_its_own_copy_of_the_module(tmp_path: Path) -> None
     assert second.seen == set() and submission.module.seen == set()
 
 
-# -- scenario 2: graded by lab.herd, in virtual time ----------------------------------------------------------
+# -- scenario 2: graded by lab.attacks.herd, in virtual time ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("path", files(WRONG, "s2"), ids=lambda p: p.stem)
 def test_every_wrong_retry_wrapper_is_rejected(path: Path) -> None:
     """A plausible wrong retry loop fails the attack that exposes it, read from the simulated provider."""
-    verdict = grade_retry(load(path, "call_with_retry"))
-    assert verdict.failure is not None
-    assert any(CAUGHT[path.stem] in problem for problem in verdict.failure.problems), verdict.failure.problems
+    console = recording()
+    assert finish(console, grade_retry(load(path, "call_with_retry"))) == 1
+    assert_caught(path, console.export_text())
 
 
 @pytest.mark.parametrize("path", [ROOT / "fixes" / "s2_retry_herd.py", *files(RIGHT, "s2")], ids=lambda p: p.stem)
@@ -383,7 +510,7 @@ def test_every_right_retry_wrapper_is_accepted(path: Path) -> None:
 
 
 def test_the_retry_verdict_is_check_retrys() -> None:
-    """The workshop grades scenario 2 with exactly the rules of lab.herd.check_retry."""
+    """The workshop grades scenario 2 with exactly the rules of lab.attacks.retry_rules.check_retry."""
     buggy = load(ROOT / "scenarios" / "s2_retry_herd.py", "call_with_retry")
     verdict = grade_retry(buggy)
     assert verdict.failure is not None
@@ -408,3 +535,40 @@ def test_a_retry_wrapper_that_spins_forever_is_stopped(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.count("\n") == 1 and "did not give control back for 1.5 s" in done.stderr
 
+
+
+# -- the same file, the same verdict, the same failing run, every time --------------------------------------------
+
+
+# Cheap wrong fixes, one per family; the first is caught by hypothesis (its exhaustive bound is 1 run).
+SAME_EVERY_TIME = {
+    "s1_ignored_on_conflict_result": Budget(pairs_limit=1),
+    "s3_polls_every_second": None,
+    "s4_check_then_apply": None,
+}
+
+
+@pytest.mark.parametrize("name", SAME_EVERY_TIME)
+async def test_a_file_gets_the_same_verdict_and_the_same_failing_run_every_time(
+    name: str, workspace: Workspace
+) -> None:
+    """Fixed attack order and fixed seeds: two checks of one wrong fix print the very same verdict and timeline."""
+    info = scenario(int(name[1]))
+    outputs = []
+    for _ in range(2):
+        console = recording()
+        finish(console, await grade(workspace, info, load(WRONG / f"{name}.py", info.contract), 2.0,
+                                    SAME_EVERY_TIME[name]))
+        outputs.append(console.export_text())
+    assert outputs[0] == outputs[1]
+    assert "the simplest failing run" in outputs[0]
+
+
+def test_a_retry_wrapper_gets_the_same_verdict_every_time() -> None:
+    """Virtual time with a fixed seed: two checks of one wrong wrapper print the very same verdict."""
+    outputs = []
+    for _ in range(2):
+        console = recording()
+        finish(console, grade_retry(load(WRONG / "s2_jitter_too_small.py", "call_with_retry")))
+        outputs.append(console.export_text())
+    assert outputs[0] == outputs[1]

@@ -1,0 +1,1 @@
+"""Where the server comes from (provision: a URL, a container or a child process) and the schemas a run owns."""
