@@ -306,8 +306,7 @@ def soak(commands: Sequence[str], tries: int, workers: int, root: Path) -> list[
                         results.append(result)
                         landed += result.landed
                         if result.problems:
-                            print(f"  ✗ {' '.join(result.argv)} {sig.name} ignoring {_names(result.ignored)}"
-                                  f" ({result.server}): {'; '.join(result.problems)}", flush=True)
+                            print(f"  ✗ {_described(result)}", flush=True)
                 _summarise(command, sig, [r for r in results if r.command == command and r.sig == sig])
     return results
 
@@ -327,6 +326,11 @@ def _window(where: Site, command: str) -> float:
         proc.terminate()
         proc.wait()
     return min(3.0, (time.monotonic() - started) * 0.4)
+
+
+def _described(result: Try) -> str:
+    return (f"{' '.join(result.argv)} {result.sig.name} ignoring {_names(result.ignored)} ({result.server}):"
+            f" {'; '.join(result.problems)}")
 
 
 def _names(signals: tuple[signal.Signals, ...]) -> str:
@@ -356,6 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     landed = [t for t in results if t.landed]
     bad = [t for t in landed if t.problems]
     worst = max((t.seconds for t in landed), default=0.0)
+    for failed in bad:  # again at the end, where a CI log's tail shows it
+        print(f"  ✗ {_described(failed)}")
     print(f"soak: {len(landed) - len(bad)} of {len(landed)} signalled tries clean, worst exit {worst:.2f} s,"
           f" {time.monotonic() - started:.0f} s in all")
     return 1 if bad else 0

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lab.errors import LabError
-from lab.postgres.workspace import create_owned, reap_orphans
+from lab.postgres.workspace import create_owned, drop_owned, reap_orphans
 
 # (attempt, previous sleep, base, cap, rng) -> the next sleep, all in seconds; Brooker's formulas.
 Policy = Callable[[int, float, float, float, random.Random], float]
@@ -158,10 +158,7 @@ async def run_occ_table(
         finally:
             await pool.close()
     finally:
-        try:
-            await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await admin.close()
+        await drop_owned(dsn, admin, schema)
     console.print(occ_table(rows, base_ms=base_ms, cap_ms=cap_ms))
     return rows
 
