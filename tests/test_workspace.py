@@ -113,8 +113,8 @@ async def test_a_ctrl_c_while_the_schemas_are_being_created_leaves_none_behind(
     postgres: Postgres, admin: asyncpg.Connection
 ) -> None:
     """Cut while its CREATE SCHEMA waits in the server, a workspace's clean-up must stop that backend before
-    it drops: left running, the CREATE commits after the DROP, and the schemas stay in a user's database
-    (make soak saw it once in about 4,800 tries). The wait is made certain by a lock on pg_namespace."""
+    it drops: left running, the CREATE commits after the DROP, and the schemas stay in a user's database.
+    The window is milliseconds wide; a lock on pg_namespace holds the CREATE in it."""
     blocker = await asyncpg.connect(postgres.dsn)
     opening: asyncio.Task[Workspace] | None = None
     try:

@@ -202,8 +202,8 @@ async def drop_owned(dsn: str, admin: asyncpg.Connection, *schemas: str) -> None
 
 async def _drop_owned(dsn: str, admin: asyncpg.Connection, schemas: tuple[str, ...]) -> None:
     """A fresh connection does it: after Ctrl-C, ``admin`` may be stuck mid-query. Its backend goes first: cut
-    while creating the schemas, it runs on, and its CREATE would commit after this DROP (make soak, once
-    in about 4,800 tries, left both in a user's database)."""
+    while creating the schemas, it runs on, and its CREATE would commit after this DROP, leaving both in a
+    user's database (tests/test_workspace.py holds a CREATE on a lock to show it)."""
     admin_backend = admin.get_server_pid()
     admin.terminate()
     conn = await asyncpg.connect(dsn, timeout=5)
