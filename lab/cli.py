@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``lab`` program. It takes over SIGINT and SIGTERM, and blocks them once its outcome is decided."""
-    _take_signals()
     try:
+        _take_signals()  # inside the try: a SIGTERM can land as soon as its handler is in place
         code = _command(argv)
         _hold_signals()  # inside the try: a signal that lands before this line still counts
     except KeyboardInterrupt:  # wherever the one signal landed, everything started is stopped by now

@@ -313,6 +313,17 @@ def test_sigterm_while_asyncio_run_builds_or_closes_its_loop_is_one_line_and_exi
     assert err.splitlines() == [soak.INTERRUPTED]
 
 
+def test_sigterm_as_soon_as_the_lab_handles_it_is_one_line_and_exit_130() -> None:
+    """SIGTERM the moment its handler is in place (``lab list``, which has the shortest run): exit 130, one line.
+
+    A signal sender that waits for the handler, as make soak does, may send it then; it landed before the
+    lab's ``try`` and escaped as a KeyboardInterrupt traceback, killed by SIGINT (make soak, once in 300).
+    """
+    code, err, _ = _signalled_at("signal:signal:after@2", ["list"], {**os.environ, "DOCKER_HOST": NO_DOCKER})
+    assert code == 130, err
+    assert err.splitlines() == [soak.INTERRUPTED]
+
+
 def test_sigterm_while_the_workspace_is_dropped_leaves_no_schema(postgres: Postgres) -> None:
     """SIGTERM just as a run drops its schemas on a user's server (Workspace.close): the drop finishes, then
     exit 130 and one line (make soak once found both schemas left after `run 4 --explore`)."""
