@@ -156,3 +156,36 @@ def test_a_virtual_run_stops_at_once_when_its_context_says_so() -> None:
         sys.unraisablehook = hook
     assert turns == 10
     assert unawaited == []
+
+
+def test_a_stop_that_lands_during_the_clean_up_lets_the_clean_up_finish() -> None:
+    """Set while the run cancels what it left (the herd was done; Ctrl-C came as its loop closed), a stop must
+    not cut the clean-up: cut, it left asyncio's `shutdown_asyncgens` never awaited, and that warning was
+    printed after the lab's one line (make soak, `run 2`). Here a forgotten task's cancellation sets it."""
+    stop = threading.Event()
+
+    async def forgotten() -> None:
+        try:
+            await asyncio.sleep(1000)
+        except asyncio.CancelledError:
+            stop.set()  # as the journey does, from the main thread, at the worst moment
+            raise
+
+    async def main() -> str:
+        asyncio.get_running_loop().create_task(forgotten())
+        await asyncio.sleep(0)
+        return "done"
+
+    unawaited: list[str] = []
+    token, hook = stop_when.set(stop), sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: unawaited.append(str(unraisable.exc_value))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert run_virtual(main, seed=1) == "done"
+            gc.collect()
+    finally:
+        stop_when.reset(token)
+        sys.unraisablehook = hook
+    assert stop.is_set()
+    assert unawaited == []

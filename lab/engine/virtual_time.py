@@ -73,6 +73,10 @@ class VirtualTimeLoop(asyncio.BaseEventLoop):
             raise Stopped("virtual time: stopped from outside")
         super()._run_once()  # type: ignore[misc]  # asyncio internals: one turn of the loop
 
+    def stop_no_more(self) -> None:
+        """The clean-up runs whole: a stop that cut it would leave ``shutdown_asyncgens`` never awaited."""
+        self._stop = None
+
     def time(self) -> float:
         return self._now
 
@@ -135,6 +139,7 @@ def run_virtual(
     try:
         return loop.run_until_complete(bounded())
     finally:
+        loop.stop_no_more()
         try:
             _cancel_leftovers(loop)
         finally:
