@@ -5,13 +5,16 @@ plausible fix that is wrong, with why in its docstring) must fail with a timelin
 interleaving, and every file in ``tests/right_fixes`` (another correct design than ours) must pass.
 """
 
+import contextlib
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from rich.console import Console
 
@@ -305,6 +308,59 @@ def test_a_file_that_closes_stdout_and_forks_is_still_graded(tmp_path: Path, pos
     done = lab("check", "1", str(path), dsn=postgres.dsn)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAIL: " in done.stdout and "key k1 charged 2 times" in done.stdout
+
+
+# A grandchild in a session of its own whose parent has exited: the hardest process for a grader to find.
+# The file starts one (once: every request imports the file afresh) and records its pid.
+SPAWNS_A_SLEEPER = """import os, subprocess, sys
+INTERMEDIATE = (
+    "import subprocess, sys\\n"
+    "sleeper = subprocess.Popen([sys.executable, '-c',"
+    " 'import os, time; print(os.getpid(), flush=True); time.sleep(600)'],"
+    " start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)\\n"
+    "print(sleeper.stdout.readline().strip(), flush=True)\\n"
+)
+def spawn_a_sleeper_once(record):
+    if not os.path.exists(record):
+        started = subprocess.run([sys.executable, "-c", INTERMEDIATE], capture_output=True, text=True, check=True)
+        with open(record, "a") as pids:
+            pids.write(started.stdout)
+"""
+
+# How the grading ends, and the exit code: the verdict (the child exits by itself), the file's os._exit, a stall.
+LEFT_BEHIND = {
+    "graded": ("spawn_a_sleeper_once(RECORD)\n" + BUGGY_1, 1),
+    "os_exit": ("async def handle_charge(db, provider, key, body):\n    spawn_a_sleeper_once(RECORD)\n"
+                "    os._exit(0)\n", 2),
+    "stalls": ("import time\nasync def handle_charge(db, provider, key, body):\n    spawn_a_sleeper_once(RECORD)\n"
+               "    time.sleep(3600)\n", 2),
+}
+
+
+@pytest.mark.parametrize("ending", LEFT_BEHIND)
+def test_nothing_the_file_started_outlives_the_check(tmp_path: Path, postgres: Postgres, ending: str) -> None:
+    """A process the file started in a session of its own, orphaned at once, is gone when `lab check` ends,
+    however the grading ended: the grader is a subreaper, and its descendants are killed before it."""
+    record = tmp_path / "sleepers"
+    source, code = LEFT_BEHIND[ending]
+    path = write(tmp_path, f"{ending}.py", SPAWNS_A_SLEEPER + f"RECORD = {str(record)!r}\n" + source)
+    try:
+        done = lab("check", "1", str(path), "--step-timeout", "0.5", dsn=postgres.dsn, timeout=60)
+        assert done.returncode == code, done.stdout + done.stderr
+        sleepers = [int(pid) for pid in record.read_text().split()]
+        assert len(sleepers) == 1
+        assert [pid for pid in sleepers if _running(pid)] == []
+    finally:
+        for pid in record.read_text().split() if record.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_a_killed_check_leaves_nothing_the_next_lab_does_not_reap(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ loop turns, then the rendered report and its exit code. A verdict counts only fr
 pid. A child that ends without one, or stops beating, is a ``CannotGrade``: exit 2, one line, naming
 the line of the file where it stood (read from a stack dump the lab asks ``faulthandler`` for).
 
+The child is a subreaper (prctl(2)): every process the file starts stays below it, even one that
+left for a session of its own and whose parent has exited, and all of them are killed before it.
 The lab keeps everything that must be cleaned up (PostgreSQL, the run's schemas, hypothesis's
 directory) in its own process, so a child killed at any point leaves nothing behind. As in
 Maelstrom, the checker is a separate process from the code it judges.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import faulthandler
 import json
 import os
@@ -30,6 +33,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
+
+import psutil
 
 from lab.errors import LabError
 from lab.postgres.provision import die_with_parent
@@ -60,7 +65,7 @@ class Reporter:
         while not data.endswith(b"\n"):
             chunk = os.read(self._inbox, 65536)
             if not chunk:
-                _exit(0)  # the lab is gone (or gave up on us): nothing left to do
+                _end(0)  # the lab is gone (or gave up on us): nothing left to do
             data += chunk
         go: Message = json.loads(data)
         return go
@@ -138,11 +143,20 @@ class Child:
             raise LabError(f"the grader sent {message['kind']!r} where the lab expected {kind!r}")
 
     def stop(self) -> None:
-        """Kill the child and anything it forked (its process group); close the pipes."""
+        """Kill the child and everything it started, wherever that went; close the pipes.
+
+        The child is stopped first and killed last: it is a subreaper, so until it dies every process the
+        file started is below it, even one in a session of its own whose parent has exited.
+        """
+        if self._status is None:  # not reaped yet, so the pid is still the child's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGSTOP)  # a stopped process forks nothing more
+            kill_descendants(self.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)  # it may have left its group
+            os.killpg(self.pid, signal.SIGKILL)  # (a group outlives its leader, and keeps its id from reuse)
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)  # it may have left its group
         self._reap()
         for fd in (self._messages, self._dumps, self._go):
             with contextlib.suppress(OSError):
@@ -232,6 +246,40 @@ class Child:
         return blocking_line(dump.decode(errors="replace"), self.file)
 
 
+def kill_descendants(pid: int) -> None:
+    """SIGKILL every live process below ``pid`` (a subreaper: whatever it started stays below it).
+
+    Each round stops what it finds, then kills it: a stopped process forks nothing more, and what was
+    forked before the stop is found by the next round, below its parent or, orphaned, below ``pid``.
+    """
+    for _ in range(1000):
+        try:
+            found = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            return
+        alive = [p for p in found if _alive(p)]
+        if not alive:
+            return
+        for signum in (signal.SIGSTOP, signal.SIGKILL):
+            for process in alive:
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(signum)
+        time.sleep(0.001)  # the killed become zombies; their children come up to ``pid``
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _be_subreaper() -> None:
+    """Orphans below this process come back to it rather than to init (prctl(2), Linux 3.4)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER = 36, as in <sys/prctl.h>
+
+
 def blocking_line(dump: str, file: Path) -> tuple[int, str] | None:
     """``(line, source)`` of the first frame of ``file`` in a faulthandler dump (most recent call first)."""
     resolved = str(file.resolve())
@@ -248,6 +296,7 @@ def _run_child(work: Callable[[Reporter], None], reporter: Reporter, file: Path,
     status = 0
     try:
         os.setsid()  # a terminal's Ctrl-C reaches the lab alone, which then kills this whole group
+        _be_subreaper()  # and whatever the file starts stays below this process, to be killed with it
         die_with_parent(parent)()  # and if the lab is SIGKILLed, this dies with it
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL)
@@ -276,7 +325,14 @@ def _run_child(work: Callable[[Reporter], None], reporter: Reporter, file: Path,
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(BaseException):
                 stream.flush()
-        _exit(status)
+        _end(status)
+
+
+def _end(status: int) -> NoReturn:
+    """The child's only way out: nothing the file started outlives it."""
+    with contextlib.suppress(BaseException):
+        kill_descendants(os.getpid())
+    _exit(status)
 
 
 def _report_os_exit(reporter: Reporter, file: Path) -> None:
@@ -290,6 +346,6 @@ def _report_os_exit(reporter: Reporter, file: Path) -> None:
                 f"{file}{at}: it called os._exit({status!r}), which ends the process it runs in; a handler"
                 " answers with a lab.Response or raises an exception"
             ))
-        _exit(status)
+        _end(status)
 
     os._exit = reported_exit
