@@ -139,8 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _take_signals()  # inside the try: a SIGTERM can land as soon as its handler is in place
         code = _command(argv)
         _hold_signals()  # inside the try: a signal that lands before this line still counts
-    except KeyboardInterrupt:  # wherever the one signal landed, everything started is stopped by now
+    except BaseException as exc:  # wherever the one signal landed, everything started is stopped by now
         _hold_signals()
+        if not _interrupted(exc):
+            raise
         code = EXIT_INTERRUPTED
     if code == EXIT_INTERRUPTED:
         Console(stderr=True, highlight=False).print("lab: interrupted; everything the lab started is stopped")
@@ -318,6 +320,18 @@ def _take_signals() -> None:
 def _hold_signals() -> None:
     """The outcome is decided: a signal now, while Python shuts down, must not turn 0 into "killed by SIGTERM"."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """A KeyboardInterrupt, or an exception Python raised for one: a signal landing in a ``__set_name__`` (a
+    module defining a class as it is imported) comes out of Python 3.11 as a RuntimeError caused by it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return False
 
 
 def _interrupt(_signum: int, _frame: Any) -> None:

@@ -324,6 +324,36 @@ def test_sigterm_as_soon_as_the_lab_handles_it_is_one_line_and_exit_130() -> Non
     assert err.splitlines() == [soak.INTERRUPTED]
 
 
+# A command that defines a class, as an import in the middle of a command does, and SIGTERM landing in
+# its __set_name__: Python 3.11 reports the KeyboardInterrupt raised there as a RuntimeError.
+SIGNALLED_IN_SET_NAME = """
+import os, signal, sys
+from lab import cli
+
+class Sends:
+    def __set_name__(self, owner, name):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+def command(argv):
+    class Imported:
+        field = Sends()
+    return 0
+
+cli._command = command
+sys.exit(cli.main([]))
+"""
+
+
+def test_sigterm_inside_a_class_definition_is_one_line_and_exit_130() -> None:
+    """SIGTERM while a module being imported defines a class (make soak, `check 2`, as hypothesis was imported):
+    Python 3.11 wraps the KeyboardInterrupt raised in a __set_name__ in a RuntimeError, which escaped as a
+    traceback and exit 1. An interrupt is an interrupt whatever it is wrapped in: exit 130, one line."""
+    done = subprocess.run([sys.executable, "-c", SIGNALLED_IN_SET_NAME], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(soak.ROOT)}, check=False)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines() == [soak.INTERRUPTED]
+
+
 def test_sigterm_while_the_workspace_is_dropped_leaves_no_schema(postgres: Postgres) -> None:
     """SIGTERM just as a run drops its schemas on a user's server (Workspace.close): the drop finishes, then
     exit 130 and one line (make soak once found both schemas left after `run 4 --explore`)."""
