@@ -178,12 +178,13 @@ async def reap_orphans(conn: asyncpg.Connection, notify: Callable[[str], None] |
     return dropped
 
 
-async def end_backend(conn: asyncpg.Connection, pid: int, within_s: float = 5.0) -> None:
-    """Terminate one of this role's backends and wait until it has exited: what it was running is then
-    committed or rolled back for good. (pg_terminate_backend's own wait needs PostgreSQL 14; this polls.)"""
-    await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = $1", pid)
+async def _end_backend(conn: asyncpg.Connection, pid: int, within_s: float = 5.0) -> None:
+    """Terminate a backend of ours (same user, same database) and wait until it has exited: what it was
+    running is then committed or rolled back for good. (pg_terminate_backend waits itself from PostgreSQL 14.)"""
+    ours = "FROM pg_stat_activity WHERE pid = $1 AND usename = current_user AND datname = current_database()"
+    await conn.execute(f"SELECT pg_terminate_backend(pid) {ours}", pid)
     deadline = asyncio.get_running_loop().time() + within_s
-    while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+    while await conn.fetchval(f"SELECT count(*) {ours}", pid):
         if asyncio.get_running_loop().time() > deadline:
             return
         await asyncio.sleep(0.005)
@@ -204,11 +205,12 @@ async def _drop_owned(dsn: str, admin: asyncpg.Connection, schemas: tuple[str, .
     """A fresh connection does it: after Ctrl-C, ``admin`` may be stuck mid-query. Its backend goes first: cut
     while creating the schemas, it runs on, and its CREATE would commit after this DROP, leaving both in a
     user's database (tests/test_workspace.py holds a CREATE on a lock to show it)."""
-    admin_backend = admin.get_server_pid()
+    admin_backend = None if admin.is_closed() else admin.get_server_pid()  # closed: its pid may be another's now
     admin.terminate()
     conn = await asyncpg.connect(dsn, timeout=5)
     try:
-        await end_backend(conn, admin_backend)
+        if admin_backend is not None:
+            await _end_backend(conn, admin_backend)
         await conn.execute("".join(f'DROP SCHEMA IF EXISTS "{name}" CASCADE;' for name in schemas))
     finally:
         await conn.close()
